@@ -1,0 +1,3 @@
+from segreplay.cli import main
+
+main()
