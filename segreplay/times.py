@@ -1,0 +1,73 @@
+"""Time parsing and formatting: the one place that reads Segment timestamps.
+
+Braze wants ISO 8601 UTC with milliseconds and `Z`. That canonical form is fixed-width,
+so two canonical times compare correctly as plain strings, which state relies on.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+
+def _is_canonical(value: str) -> bool:
+    # Most Segment timestamps already are `2024-03-05T14:03:22.083Z`: skip datetime entirely.
+    return (
+        len(value) == 24
+        and value[23] == "Z"
+        and value[19] == "."
+        and value[10] == "T"
+        and value[4] == "-"
+        and value[7] == "-"
+        and value[13] == ":"
+        and value[16] == ":"
+        and value[:4].isdigit()
+        and value[5:7].isdigit()
+        and value[8:10].isdigit()
+        and value[11:13].isdigit()
+        and value[14:16].isdigit()
+        and value[17:19].isdigit()
+        and value[20:23].isdigit()
+    )
+
+
+def format_time(moment: datetime) -> str:
+    """`moment` (aware, or naive meaning UTC) as `YYYY-MM-DDTHH:MM:SS.mmmZ`."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}."
+        f"{moment.microsecond // 1000:03d}Z"
+    )
+
+
+def parse_time(value: object) -> str | None:
+    """Any ISO 8601 date-time (fraction optional, `Z` or offset) -> canonical UTC string.
+
+    A time without an offset is taken as UTC. Anything else (numbers, garbage) -> None.
+    """
+    if not isinstance(value, str):
+        return None
+    if _is_canonical(value):
+        return value
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return format_time(moment)
+
+
+def parse_date(value: object) -> str | None:
+    """A date or date-time -> `YYYY-MM-DD` (a date-time becomes its UTC date); else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.date().isoformat()
