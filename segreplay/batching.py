@@ -1,0 +1,147 @@
+"""Packs Braze objects into /users/track requests under Braze's limits.
+
+75 objects in total per request (or 75 per array on legacy contracts), one attributes
+object per user per request (later updates merge into it), and a body under 4 MB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from segreplay.config import MAX_BODY_BYTES, MAX_OBJECTS_PER_REQUEST
+from segreplay.jsonutil import dumps
+
+# (source path, line number) of the Segment call an object came from.
+Origin = tuple[str, int]
+
+ARRAYS = ("attributes", "events", "purchases")
+_ENVELOPE_BYTES = 64
+_OBJECT_OVERHEAD_BYTES = 512  # identifiers, name, time and punctuation beyond the line
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """One /users/track request in the making, with what it carries for the ledger."""
+
+    seq: int
+    attributes: dict[str, dict] = field(default_factory=dict)  # user -> object
+    attribute_origins: dict[str, list[Origin]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    event_origins: list[Origin] = field(default_factory=list)
+    event_digests: list[int | None] = field(default_factory=list)
+    purchases: list[dict] = field(default_factory=list)
+    purchase_origins: list[Origin] = field(default_factory=list)
+    purchase_digests: list[int | None] = field(default_factory=list)
+    # Settled when Braze acknowledges the request (see pipeline.Ledger).
+    effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
+    users: set[str] = field(default_factory=set)
+    tickets: list = field(default_factory=list)
+    size_estimate: int = _ENVELOPE_BYTES
+    body: bytes = b""
+
+    def __len__(self) -> int:
+        return len(self.attributes) + len(self.events) + len(self.purchases)
+
+    def arrays(self) -> dict[str, list[dict]]:
+        """The request's arrays, in body order; empty ones are left out."""
+        arrays = {
+            "attributes": list(self.attributes.values()),
+            "events": self.events,
+            "purchases": self.purchases,
+        }
+        return {name: objects for name, objects in arrays.items() if objects}
+
+    def origin(self, array: str, index: int) -> Origin | None:
+        """Where the object at `index` of `array` came from (first line for merged ones)."""
+        try:
+            if array == "attributes":
+                user = list(self.attributes)[index]
+                return self.attribute_origins[user][-1]
+            return (self.event_origins if array == "events" else self.purchase_origins)[index]
+        except (IndexError, KeyError):
+            return None
+
+    def seal(self) -> bytes:
+        self.body = dumps(self.arrays())
+        return self.body
+
+
+class Batcher:
+    """Fills one batch at a time; hands each full batch to `on_sealed`."""
+
+    def __init__(
+        self,
+        on_sealed: Callable[[Batch], None],
+        limit_mode: str = "combined",
+        max_objects: int = MAX_OBJECTS_PER_REQUEST,
+        max_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self._on_sealed = on_sealed
+        self._per_type = limit_mode == "per-type"
+        self._max_objects = max_objects
+        self._max_bytes = max_bytes
+        self._seq = 0
+        self.current = Batch(0)
+
+    def _room(self, count: int, size: int) -> bool:
+        if self.current.size_estimate + size > self._max_bytes and len(self.current):
+            return False
+        if self._per_type:
+            return count < self._max_objects
+        return len(self.current) < self._max_objects
+
+    def flush(self) -> None:
+        """Seal the current batch, if it holds anything, and start the next."""
+        if len(self.current):
+            batch = self.current
+            batch.seal()
+            self._seq += 1
+            self.current = Batch(self._seq)
+            self._on_sealed(batch)
+
+    def add_attributes(self, user: str, obj: dict, origin: Origin, size: int) -> Batch:
+        """Merge into the user's attributes object in this batch, or start one."""
+        batch = self.current
+        existing = batch.attributes.get(user)
+        if existing is not None and batch.size_estimate + size <= self._max_bytes:
+            existing.update(obj)
+            batch.attribute_origins[user].append(origin)
+        else:
+            if not self._room(len(batch.attributes), size + _OBJECT_OVERHEAD_BYTES):
+                self.flush()
+                batch = self.current
+            batch.attributes[user] = obj
+            batch.attribute_origins[user] = [origin]
+        batch.size_estimate += size + _OBJECT_OVERHEAD_BYTES
+        batch.users.add(user)
+        return batch
+
+    def add_event(
+        self, user: str, obj: dict, origin: Origin, digest: int | None, size: int
+    ) -> Batch:
+        return self._add(user, obj, origin, digest, size, purchase=False)
+
+    def add_purchase(
+        self, user: str, obj: dict, origin: Origin, digest: int | None, size: int
+    ) -> Batch:
+        return self._add(user, obj, origin, digest, size, purchase=True)
+
+    def _add(self, user, obj, origin, digest, size, purchase: bool) -> Batch:
+        batch = self.current
+        held = len(batch.purchases) if purchase else len(batch.events)
+        size += _OBJECT_OVERHEAD_BYTES
+        if not self._room(held, size):
+            self.flush()
+            batch = self.current
+        if purchase:
+            batch.purchases.append(obj)
+            batch.purchase_origins.append(origin)
+            batch.purchase_digests.append(digest)
+        else:
+            batch.events.append(obj)
+            batch.event_origins.append(origin)
+            batch.event_digests.append(digest)
+        batch.size_estimate += size
+        batch.users.add(user)
+        return batch

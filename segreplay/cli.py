@@ -1,0 +1,184 @@
+"""The command line: parses options, builds a config, calls the library, and turns
+SegreplayError into a message with a hint. The only module that imports click."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from segreplay import __version__
+from segreplay.config import (
+    ANONYMOUS_MODES,
+    BATCH_LIMITS,
+    DEFAULT_DEAD_LETTER_PATH,
+    DEFAULT_RATE,
+    DEFAULT_STATE_PATH,
+    PAGE_MODES,
+    DeliveryOptions,
+    MappingOptions,
+    RunConfig,
+    parse_rate,
+    parse_window_time,
+    resolve_endpoint,
+)
+from segreplay.errors import FatalError, SegreplayError, UsageError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def _fail(error: SegreplayError) -> None:
+    """Print a SegreplayError as `error: ...` plus its hint, and exit with its status."""
+    if isinstance(error, UsageError):
+        message = error.message + (f"\nHint: {error.hint}" if error.hint else "")
+        raise click.UsageError(message)
+    click.echo(f"error: {error.message}", err=True)
+    if error.hint:
+        click.echo(f"hint: {error.hint}", err=True)
+    sys.exit(EXIT_FATAL if isinstance(error, FatalError) else EXIT_FATAL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="segreplay")
+def cli() -> None:
+    """Replay Segment archive exports into Braze, sending only what changed.
+
+    \b
+    Rehearse against the bundled fake Braze, then the real thing:
+      segreplay import segment-logs/ --dry-run --diff
+      segreplay import segment-logs/ --endpoint US-03   (key in BRAZE_API_KEY)
+    """
+
+
+@cli.command("import")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--endpoint", envvar="BRAZE_REST_ENDPOINT", metavar="URL|INSTANCE",
+              help="Braze REST endpoint: US-03, rest.iad-03.braze.com or a full URL.")
+@click.option("--api-key", envvar="BRAZE_API_KEY", metavar="KEY", show_envvar=True,
+              help="REST API key with users.track. Never printed or written anywhere.")
+@click.option("--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH,
+              show_default=True, help="State and checkpoint database.")
+@click.option("--dry-run", is_flag=True, help="Send nothing and change no state.")
+@click.option("--diff", is_flag=True, help="With --dry-run: per-user changes, old -> new.")
+@click.option("--output", "output_path", metavar="PATH",
+              help="Write every request body, one JSON line each, exactly as sent.")
+@click.option("--dead-letter", "dead_letter_path", default=DEFAULT_DEAD_LETTER_PATH,
+              show_default=True, metavar="PATH",
+              help="Rejected lines and dropped fields, as JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--pages", type=click.Choice(PAGE_MODES), default="all", show_default=True)
+@click.option("--screens", type=click.Choice(PAGE_MODES), default="none", show_default=True)
+@click.option("--anonymous", type=click.Choice(ANONYMOUS_MODES), default="skip",
+              show_default=True, help="alias: send anonymous users as Braze user aliases.")
+@click.option("--update-existing-only", is_flag=True,
+              help="Never create profiles: only update users Braze already has.")
+@click.option("--purchase-event-too", is_flag=True,
+              help="Also log a custom event for a track that became purchases.")
+@click.option("--log-purchase-when-revenue-present", is_flag=True,
+              help="A track with a numeric revenue and no products becomes one purchase.")
+@click.option("--batch-limit", type=click.Choice(BATCH_LIMITS), default="combined",
+              show_default=True, help="per-type: 75 of each array (legacy contracts).")
+@click.option("--rate", default=DEFAULT_RATE, show_default=True, metavar="N/SECONDS",
+              help="Client-side request budget.")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Requests in flight at once.")
+@click.option("--since", metavar="TIME", help="Only calls at or after this event time.")
+@click.option("--until", metavar="TIME", help="Only calls before this event time.")
+@click.option("--events-allow", multiple=True, metavar="NAME",
+              help="Only these custom events and purchases (repeatable).")
+@click.option("--events-deny", multiple=True, metavar="NAME",
+              help="Never these custom events and purchases (repeatable).")
+def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
+                   dead_letter_path, as_json, pages, screens, anonymous, update_existing_only,
+                   purchase_event_too, log_purchase_when_revenue_present, batch_limit, rate,
+                   concurrency, since, until, events_allow, events_deny) -> None:  # fmt: skip
+    """Replay SOURCE... into Braze's /users/track.
+
+    SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
+    standard input; gzip or plain JSON lines, told apart by content.
+
+    \b
+    Examples:
+      segreplay import segment-logs/ --dry-run --diff
+      segreplay import segment-logs/ --endpoint US-03 --json >> replay.log
+      segreplay import 'segment-logs/*/1709*' --endpoint EU-01 --since 2024-03-01
+
+    Exit status: 0 all delivered or deliberately skipped; 3 finished, but some lines or
+    objects were rejected (see the dead-letter file); 1 stopped on a fatal error (the
+    same command resumes); 2 usage error.
+    """
+    from segreplay.pipeline import run_import
+    from segreplay.progress import ConsoleReporter
+
+    try:
+        mapping = MappingOptions(
+            pages=pages,
+            screens=screens,
+            anonymous=anonymous,
+            update_existing_only=update_existing_only,
+            purchase_event_too=purchase_event_too,
+            log_purchase_when_revenue_present=log_purchase_when_revenue_present,
+            since=parse_window_time("--since", since),
+            until=parse_window_time("--until", until),
+            events_allow=frozenset(events_allow),
+            events_deny=frozenset(events_deny),
+        )
+        rate_requests, rate_seconds = parse_rate(rate)
+        delivery = None
+        if not dry_run:
+            if not endpoint:
+                raise UsageError("no Braze endpoint", "pass --endpoint US-03 (your instance) "
+                                 "or set BRAZE_REST_ENDPOINT; or add --dry-run")
+            if not api_key:
+                raise UsageError("no Braze REST API key", "set BRAZE_API_KEY (safer than "
+                                 "--api-key, which shows in ps); or add --dry-run")
+            delivery = DeliveryOptions(
+                endpoint=resolve_endpoint(endpoint),
+                api_key=api_key,
+                rate_requests=rate_requests,
+                rate_seconds=rate_seconds,
+                concurrency=concurrency,
+            )
+        config = RunConfig(
+            sources=tuple(sources),
+            state_path=state_path,
+            dry_run=dry_run,
+            diff=diff,
+            output_path=output_path,
+            dead_letter_path=dead_letter_path,
+            batch_limit=batch_limit,
+            mapping=mapping,
+            delivery=delivery,
+        )
+    except SegreplayError as error:
+        _fail(error)
+    reporter = ConsoleReporter()
+    make_sink = None
+    if delivery is not None:
+        from segreplay.client import braze_sink
+
+        make_sink = braze_sink(delivery)
+    try:
+        summary = run_import(config, reporter, make_sink)
+    except SegreplayError as error:
+        reporter.finish()
+        _fail(error)
+    except KeyboardInterrupt:
+        reporter.finish()
+        click.echo("interrupted: every acknowledged request is in the state; "
+                   "run the same command to resume", err=True)
+        sys.exit(130)
+    reporter.summary(summary, dead_letter_path, summary_dead_letters(summary))
+    if as_json:
+        from segreplay.jsonutil import dumps
+
+        click.echo(dumps(summary.to_dict()).decode())
+    sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
+
+
+def summary_dead_letters(summary) -> int:
+    return summary.invalid + summary.rejected + summary.fields_dropped + summary.files_skipped + summary.files_truncated
+
+
+def main() -> None:
+    cli(prog_name="segreplay")

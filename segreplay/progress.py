@@ -1,0 +1,178 @@
+"""What a person sees: progress, problem messages, the dry-run diff and the summary.
+
+rich on a terminal; on a pipe or in a cron log, plain lines (tqdm's meter) now and then.
+The CLI imports this module lazily, so library use never loads rich.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from segreplay.jsonutil import dumps
+from segreplay.pipeline import Change, Summary
+
+MAX_PROBLEM_MESSAGES = 20
+PLAIN_PROGRESS_EVERY_S = 30.0
+
+# Summary rows: (key, label). Counts that are zero and marked optional are left out.
+_ROWS = [
+    ("lines", "lines read", False),
+    ("lines_already_done", "lines already delivered (resumed)", True),
+    ("files_already_done", "files already done", True),
+    ("skipped_anonymous", "skipped: anonymous", False),
+    ("skipped_alias", "skipped: alias calls", True),
+    ("skipped_pages", "skipped: pages", True),
+    ("skipped_screens", "skipped: screens", True),
+    ("outside_window", "skipped: outside --since/--until", True),
+    ("filtered", "skipped: filtered by name", True),
+    ("duplicates", "duplicates (messageId already sent)", False),
+    ("invalid", "invalid lines", False),
+    ("rejected", "rejected lines and objects", False),
+    ("fields_dropped", "fields dropped", False),
+    ("files_skipped", "files skipped (not JSON lines)", True),
+    ("files_truncated", "files truncated", True),
+    ("users", "users", False),
+    ("requests", "requests", False),
+    ("attributes_sent", "attributes sent", False),
+    ("attributes_unchanged", "attributes unchanged (not sent)", False),
+    ("attributes_outdated", "attributes older than known (not sent)", True),
+    ("events_sent", "events sent", False),
+    ("purchases_sent", "purchases sent", False),
+    ("data_points", "data points", False),
+    ("retries", "retries", True),
+    ("rate_limited", "rate-limit waits", True),
+    ("elapsed_s", "elapsed (s)", False),
+]
+
+
+def display_user(user: str) -> str:
+    return user[2:] if user.startswith("e:") else f"alias {user[2:]}"
+
+
+class ConsoleReporter:
+    """Problems and progress on standard error, the diff on `diff_out`."""
+
+    def __init__(self, err: TextIO | None = None, diff_out: TextIO | None = None) -> None:
+        self._err = err or sys.stderr
+        self._diff_out = diff_out or sys.stdout
+        self._tty = self._err.isatty()
+        self._problems = 0
+        self._started = time.monotonic()
+        self._last_plain = self._started
+        self._bar = None
+        self._console = None
+
+    # Reporter --------------------------------------------------------------------------
+
+    def problem(self, record: dict) -> None:
+        self._problems += 1
+        if self._problems <= MAX_PROBLEM_MESSAGES:
+            where = f"{record.get('source')}:{record.get('line')}"
+            key = f" [{record['key']}]" if record.get("key") else ""
+            self._write(f"{where}: {record.get('kind')}{key}: {record.get('reason')}")
+        elif self._problems == MAX_PROBLEM_MESSAGES + 1:
+            self._write("... more problems are in the dead-letter file only")
+
+    def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
+        if self._tty:
+            self._rich_progress(summary, bytes_done, bytes_total)
+            return
+        now = time.monotonic()
+        if now - self._last_plain < PLAIN_PROGRESS_EVERY_S:
+            return
+        self._last_plain = now
+        from tqdm import tqdm
+
+        meter = tqdm.format_meter(
+            bytes_done, bytes_total or None, now - self._started, unit="B", unit_scale=True
+        )
+        self._write(f"progress: {meter} | {summary.lines:,} lines, {summary.requests:,} requests")
+
+    def changes(self, changes: list[Change]) -> None:
+        out = self._diff_out
+        for change in changes:
+            user = display_user(change.user)
+            if change.what == "attribute":
+                new = dumps(change.new).decode()
+                if change.known:
+                    old = dumps(change.old).decode()
+                    out.write(f"{user}  ~ {change.key}: {old} -> {new}\n")
+                else:
+                    out.write(f"{user}  + {change.key}: {new}\n")
+            elif change.what == "event":
+                out.write(f"{user}  + event {change.key!r} at {change.new['time']}\n")
+            else:
+                obj = change.new
+                out.write(
+                    f"{user}  + purchase {change.key!r} {obj['price']} {obj['currency']}"
+                    f" x{obj.get('quantity', 1)} at {obj['time']}\n"
+                )
+
+    # the rest --------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def summary(self, summary: Summary, dead_letter: str | None, dead_letters: int) -> None:
+        self.finish()
+        from rich.console import Console
+        from rich.table import Table
+
+        values = summary.to_dict()
+        title = "segreplay dry run (nothing sent)" if summary.dry_run else "segreplay import"
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for key, label, optional in _ROWS:
+            value = values[key]
+            if optional and not value:
+                continue
+            table.add_row(label, f"{value:,}" if isinstance(value, int) else f"{value:,.1f}")
+        console = Console(file=self._err, width=None if self._tty else 80)
+        console.print(table)
+        if dead_letters and dead_letter:
+            console.print(f"{dead_letters:,} dead-letter records in {dead_letter}")
+
+    def _write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, file=self._err, flush=True)
+
+    def _rich_progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]replaying"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(file=self._err),
+                transient=True,
+                refresh_per_second=4,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("replay", total=bytes_total or None, detail="")
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        detail = (
+            f"{summary.lines:,} lines {summary.lines / elapsed:,.0f}/s | "
+            f"{summary.requests:,} req {summary.requests / elapsed:,.0f}/s"
+        )
+        if summary.rate_limited:
+            detail += f" | {summary.rate_limited} rate-limit waits"
+        self._bar.update(self._task, completed=bytes_done, detail=detail)

@@ -1,0 +1,286 @@
+"""SQLite state: last-sent attribute values, delivered messageIds, file progress, runs.
+
+Written only by `commit`, one transaction per acknowledged request, so state and
+checkpoint always advance together. WAL mode: a killed process loses nothing committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from segreplay.errors import StateError
+from segreplay.jsonutil import dumps, loads
+
+SCHEMA_VERSION = 1
+_USER_CACHE_SIZE = 20_000  # committed attribute rows kept in memory; bounded, not per user
+
+# Each entry upgrades the schema from the version before it to its own.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE users (
+            user TEXT PRIMARY KEY,      -- 'e:<external_id>' or 'a:<anonymousId>'
+            attributes BLOB NOT NULL,   -- JSON {key: [last value sent, its event time]}
+            run_id INTEGER              -- last run that delivered anything for the user
+        ) WITHOUT ROWID;
+        CREATE TABLE delivered (hash INTEGER PRIMARY KEY);  -- 64-bit digests of messageIds
+        CREATE TABLE files (
+            path TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            fingerprint TEXT NOT NULL,
+            lines_acked INTEGER NOT NULL,  -- every line up to here is delivered or settled
+            done INTEGER NOT NULL,
+            run_id INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            status TEXT NOT NULL,        -- running, finished, failed, interrupted
+            summary BLOB
+        );
+    """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheckpoint:
+    path: str
+    size: int
+    fingerprint: str
+    lines_acked: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: int
+    started_at: str
+    finished_at: str | None
+    status: str
+    summary: dict | None
+
+
+class State:
+    """The state database. Not thread-safe: one pipeline thread owns it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        existed = os.path.exists(path)
+        if not existed:
+            # Created owner-only: it holds customer attribute values.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives the process being killed; only a power
+            # loss can take back the last commits, and those are resent at most once.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA cache_size=-32000")
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            raise StateError(
+                f"{path}: not a usable segreplay state file ({error})",
+                "point --state at another file, or move this one away to start over",
+            ) from error
+        self._users: OrderedDict[str, dict] = OrderedDict()
+
+    # schema ----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path} was written by a newer segreplay (schema {version})",
+                "upgrade segreplay to use this state file",
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={target}")
+            self._db.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    # reads -----------------------------------------------------------------------------
+
+    def user_attributes(self, user: str) -> dict | None:
+        """{key: [value, time]} last delivered for the user; None for a user never sent."""
+        cached = self._users.get(user)
+        if cached is not None:
+            self._users.move_to_end(user)
+            return cached
+        row = self._db.execute("SELECT attributes FROM users WHERE user=?", (user,)).fetchone()
+        if row is None:
+            return None
+        attributes = loads(row[0])
+        self._remember(user, attributes)
+        return attributes
+
+    def is_delivered(self, digest: int) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM delivered WHERE hash=?", (digest,)).fetchone()
+            is not None
+        )
+
+    def checkpoint(self, path: str) -> FileCheckpoint | None:
+        row = self._db.execute(
+            "SELECT path, size, fingerprint, lines_acked, done FROM files WHERE path=?", (path,)
+        ).fetchone()
+        return FileCheckpoint(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    def checkpoints(self) -> list[FileCheckpoint]:
+        rows = self._db.execute(
+            "SELECT path, size, fingerprint, lines_acked, done FROM files ORDER BY path"
+        )
+        return [FileCheckpoint(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def runs(self, limit: int = 10) -> list[RunRecord]:
+        rows = self._db.execute(
+            "SELECT id, started_at, finished_at, status, summary FROM runs "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [RunRecord(r[0], r[1], r[2], r[3], loads(r[4]) if r[4] else None) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        one = self._db.execute
+        return {
+            "users": one("SELECT count(*) FROM users").fetchone()[0],
+            "delivered_messages": one("SELECT count(*) FROM delivered").fetchone()[0],
+            "files": one("SELECT count(*) FROM files").fetchone()[0],
+            "files_done": one("SELECT count(*) FROM files WHERE done").fetchone()[0],
+        }
+
+    def users_in_run(self, run_id: int) -> int:
+        return self._db.execute("SELECT count(*) FROM users WHERE run_id=?", (run_id,)).fetchone()[
+            0
+        ]
+
+    # writes ----------------------------------------------------------------------------
+
+    def start_run(self, started_at: str) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO runs (started_at, status) VALUES (?, 'running')", (started_at,)
+        )
+        return cursor.lastrowid
+
+    def finish_run(self, run_id: int, finished_at: str, status: str, summary: dict) -> None:
+        self._db.execute(
+            "UPDATE runs SET finished_at=?, status=?, summary=? WHERE id=?",
+            (finished_at, status, dumps(summary), run_id),
+        )
+
+    def commit(
+        self,
+        run_id: int,
+        attributes: dict[str, dict],
+        digests: Iterable[int],
+        checkpoints: Iterable[FileCheckpoint],
+    ) -> None:
+        """One transaction: merge attribute effects per user, add delivered digests,
+        advance file checkpoints. `attributes` maps user -> {key: [value, time]}; a user
+        with an empty dict is only marked as known (an event created the profile)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = []
+            for user, effects in attributes.items():
+                merged = self.user_attributes(user)
+                merged = {} if merged is None else dict(merged)
+                merged.update(effects)
+                self._remember(user, merged)
+                rows.append((user, dumps(merged), run_id))
+            db.executemany(
+                "INSERT INTO users (user, attributes, run_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(user) DO UPDATE SET attributes=excluded.attributes, "
+                "run_id=excluded.run_id",
+                rows,
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO delivered (hash) VALUES (?)", ((d,) for d in digests)
+            )
+            db.executemany(
+                "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+                "size=excluded.size, fingerprint=excluded.fingerprint, "
+                "lines_acked=excluded.lines_acked, done=excluded.done, run_id=excluded.run_id",
+                (
+                    (c.path, c.size, c.fingerprint, c.lines_acked, int(c.done), run_id)
+                    for c in checkpoints
+                ),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._users.clear()  # the cache may hold merges that were rolled back
+            raise
+
+    def _remember(self, user: str, attributes: dict) -> None:
+        self._users[user] = attributes
+        self._users.move_to_end(user)
+        if len(self._users) > _USER_CACHE_SIZE:
+            self._users.popitem(last=False)
+
+    @staticmethod
+    def snapshot(path: str, copy_path: str) -> None:
+        """A consistent copy of the state at `path`, read without writing to it."""
+        os.close(os.open(copy_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            target = sqlite3.connect(copy_path)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+                source.close()
+        except sqlite3.DatabaseError as error:
+            raise StateError(f"{path}: cannot read the state file ({error})") from error
+
+    def reset(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        for table in ("users", "delivered", "files", "runs"):
+            self._db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+        self._db.execute("COMMIT")
+        self._users.clear()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class StateLock:
+    """One run per state file. The kernel drops a flock when its process dies, so a
+    killed run never leaves a lock behind."""
+
+    def __init__(self, state_path: str) -> None:
+        self._path = state_path + ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> StateLock:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateError(
+                f"{self._path[:-5]} is in use by another segreplay run (pid {holder})",
+                "wait for that run to finish, or give this one its own --state",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
