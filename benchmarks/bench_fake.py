@@ -104,6 +104,16 @@ def _start_server() -> tuple[subprocess.Popen, int]:
     return process, int(line.rsplit(":", 1)[1])
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time the fake has used so far (Linux only): shows whether it was saturated."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _stats(port: int) -> dict:
     import httpx
 
@@ -121,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = asyncio.run(
             _drive(port, [_request(b"{}", "wrong-key")], args.connections, args.seconds / 2)
         )
-        track = asyncio.run(_drive(port, _track_requests(_API_KEY), args.connections, args.seconds))
+        requests = _track_requests(_API_KEY)
+        cpu_before = _cpu_seconds(process.pid)
+        track = asyncio.run(_drive(port, requests, args.connections, args.seconds))
+        cpu_after = _cpu_seconds(process.pid)
         stats = _stats(port)
     finally:
         process.terminate()
@@ -137,6 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"  /users/track, 75 events each:    {track_rps:8.0f} requests/s, "
         f"{objects_per_s:8.0f} objects/s  ({track_rps / baseline_rps:.2f}x baseline)"
     )
+    if cpu_before is not None and cpu_after is not None:
+        busy = (cpu_after - cpu_before) / track["elapsed"]
+        print(
+            f"  the fake was busy {busy:.0%} of the time: "
+            f"{track['answered'] / (cpu_after - cpu_before):.0f} requests per CPU second"
+        )
     if not ok:
         print(f"  unexpected answers: {track['statuses']}")
     return {"baseline_rps": baseline_rps, "track_rps": track_rps, "objects_per_s": objects_per_s}

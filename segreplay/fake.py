@@ -6,30 +6,32 @@ Endpoints (all POST, `Authorization: Bearer <key>`, JSON body with Content-Lengt
   /users/delete    {"external_ids", "user_aliases", "braze_ids"}, at most 50 ids
   /users/identify  {"aliases_to_identify": [...], "merge_behavior": "none"|"merge"}, at most 50
   /users/merge     {"merge_updates": [...]}, at most 50, answers 202
-/users/track answers carry X-RateLimit-Limit/-Remaining/-Reset; a fixed window of
-`rate_limit` requests per `rate_window_s` seconds answers 429 beyond it.
+Their answers carry X-RateLimit-Limit/-Remaining/-Reset; /users/track allows a fixed window
+of `rate_limit` requests per `rate_window_s` seconds and answers 429 beyond it.
 
 Admin endpoints, no key needed (GET unless noted), for tests and scripts in other processes:
-  /_fake/stats                 counters: requests, by_status, by_path, accepted per kind,
-                               rejected_objects, rate_limited, injected faults, not_applied...
-  /_fake/profiles              {"profiles": [profile, ...]}
-  /_fake/accepted[?kind=K]     {"accepted": [{"request", "kind", "object"}, ...]}
-  /_fake/requests              {"requests": [{"request", "method", "path", "arrived_at", "status"}]}
-  /_fake/rate-limit-resets     {"resets": [{"request", "sent_at", "reset_at"}, ...]}
-  POST /_fake/reset            forget everything recorded (the configuration stays)
+  /_fake/stats               counters only (cheap): requests, connections, by_status,
+                             by_path, accepted per kind, rejected_objects, rate_limited,
+                             injected faults by name, bytes_received
+  /_fake/profiles            {"profiles": [...], "not_applied": n, "ignored_attributes": [...]}
+  /_fake/accepted[?kind=K]   {"accepted": [{"request", "kind", "object"}, ...]}
+  /_fake/requests            {"requests": [{"request", "method", "path", "arrived_at", "status"}]}
+  /_fake/rate-limit-resets   {"resets": [{"request", "sent_at", "reset_at"}, ...]}
+  POST /_fake/reset          forget everything recorded (the configuration stays)
 
 A profile is {"braze_id", "external_id", "user_aliases", "attributes", "events",
 "purchases"}: attributes applied in request order (null unsets), events and purchases kept
-as lists of the objects as sent, so a resent event shows up twice.
+as the objects sent, so a resent event shows up twice. `not_applied` counts accepted objects
+that changed nothing (an alias's default `_update_existing_only` for an unknown user).
 
-Kinds of accepted objects: attribute, event, purchase (one per valid /users/track object),
-delete (one per deleted identifier), identify (one per alias item), merge (one per update).
-With `log_path`, every accepted object is also appended to that file as one JSON line,
-`{"request": <sequence number of the request>, "kind": "<kind>", "object": {...}}`,
-flushed after each request so another process can follow it.
+Kinds of accepted objects: attribute, event, purchase (each valid /users/track object),
+delete (each identifier of a delete request), identify (each valid alias item), merge (each
+merge update). With `log_path`, each is also appended to that file as one JSON line,
+`{"request": <request sequence number>, "kind": "<kind>", "object": {...}}`, flushed after
+every request so another process can follow it.
 
-Times (`arrived_at`, `sent_at`, `reset_at`) are UTC epoch seconds as floats. The API key is
-never echoed, logged or printed.
+Times (`arrived_at`, `sent_at`, `reset_at`) are UTC epoch seconds. The API key is never
+echoed, logged or printed.
 """
 
 from __future__ import annotations
@@ -701,6 +703,7 @@ class _App:
         self._by_path: dict[str, int] = {}
         self._injected = dict.fromkeys(self.config.fault_rates(), 0)
         self._accepted = dict.fromkeys(KINDS, 0)
+        self.connections = 0
         self._rate_limited = 0
         self._rejected_objects = 0
         self._bytes_received = 0
@@ -971,6 +974,7 @@ class _App:
         # Counters only: stats must stay cheap however much the journal holds.
         return {
             "requests": len(self.requests),
+            "connections": self.connections,
             "by_status": dict(self._by_status),
             "by_path": dict(self._by_path),
             "accepted": dict(self._accepted),
@@ -1066,6 +1070,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._connections.add(self)
+        with self._app.lock:
+            self._app.connections += 1
 
     def connection_lost(self, exc) -> None:
         self._connections.discard(self)
