@@ -1,5 +1,6 @@
 """A local stand-in for Braze's REST API: a real HTTP/1.1 server on 127.0.0.1 that enforces
-the contract in spec/braze-api.md, injects faults on demand and records what it accepted.
+Braze's contract (limits, errors, headers), injects faults on demand and records what it
+accepted, for tests, rehearsals (`segreplay fake-braze`) and benchmarks.
 
 Endpoints (all POST, `Authorization: Bearer <key>`, JSON body with Content-Length):
   /users/track     attributes/events/purchases, 75-object limit, 4 MB body limit
@@ -17,7 +18,7 @@ Admin endpoints, no key needed (GET unless noted), for tests and scripts in othe
   /_fake/accepted[?kind=K]   {"accepted": [{"request", "kind", "object"}, ...]}
   /_fake/requests            {"requests": [{"request", "method", "path", "arrived_at", "status"}]}
   /_fake/rate-limit-resets   {"resets": [{"request", "sent_at", "reset_at"}, ...]}
-  POST /_fake/reset          forget everything recorded (the configuration stays)
+  POST /_fake/reset          forget everything recorded (configuration and log file stay)
 
 A profile is {"braze_id", "external_id", "user_aliases", "attributes", "events",
 "purchases"}: attributes applied in request order (null unsets), events and purchases kept
