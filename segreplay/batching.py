@@ -38,10 +38,11 @@ class Batch:
     users: set[str] = field(default_factory=set)
     tickets: list = field(default_factory=list)
     size_estimate: int = _ENVELOPE_BYTES
+    count: int = 0  # objects in all three arrays
     body: bytes = b""
 
     def __len__(self) -> int:
-        return len(self.attributes) + len(self.events) + len(self.purchases)
+        return self.count
 
     def arrays(self) -> dict[str, list[dict]]:
         """The request's arrays, in body order; empty ones are left out."""
@@ -84,16 +85,16 @@ class Batcher:
         self._seq = 0
         self.current = Batch(0)
 
-    def _room(self, count: int, size: int) -> bool:
-        if self.current.size_estimate + size > self._max_bytes and len(self.current):
+    def _room(self, held: int, size: int) -> bool:
+        """Whether one more object fits; `held` is how many its own array has."""
+        current = self.current
+        if current.size_estimate + size > self._max_bytes and current.count:
             return False
-        if self._per_type:
-            return count < self._max_objects
-        return len(self.current) < self._max_objects
+        return (held if self._per_type else current.count) < self._max_objects
 
     def flush(self) -> None:
         """Seal the current batch, if it holds anything, and start the next."""
-        if len(self.current):
+        if self.current.count:
             batch = self.current
             batch.seal()
             self._seq += 1
@@ -113,6 +114,7 @@ class Batcher:
                 batch = self.current
             batch.attributes[user] = obj
             batch.attribute_origins[user] = [origin]
+            batch.count += 1
         batch.size_estimate += size + _OBJECT_OVERHEAD_BYTES
         batch.users.add(user)
         return batch
@@ -143,5 +145,6 @@ class Batcher:
             batch.event_origins.append(origin)
             batch.event_digests.append(digest)
         batch.size_estimate += size
+        batch.count += 1
         batch.users.add(user)
         return batch

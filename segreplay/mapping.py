@@ -96,6 +96,7 @@ class Call:
     purchases: list[dict] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
     rejected_objects: list[Rejected] = field(default_factory=list)
+    measure_nested: bool = True
 
     @property
     def is_alias(self) -> bool:
@@ -105,8 +106,11 @@ class Call:
 Mapped = Call | Rejected | Skipped
 
 
-def map_call(record: dict, options: MappingOptions) -> Mapped:
-    """Map one parsed Segment line (a JSON object) to Braze objects."""
+def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapped:
+    """Map one parsed Segment line (a JSON object) to Braze objects.
+
+    `line_bytes`, the line's length when known, spares measuring nested values of lines
+    too short to hold one over Braze's size limit."""
     kind = record.get("type")
     if not isinstance(kind, str) or not kind:
         return Rejected("missing type")
@@ -137,6 +141,7 @@ def map_call(record: dict, options: MappingOptions) -> Mapped:
     if message_id is not None and not isinstance(message_id, str):
         message_id = str(message_id)
     call = Call(kind, user, identifier, time, message_id or None)
+    call.measure_nested = not 0 < line_bytes < MAX_NESTED_BYTES
     return mapper(record, call, options)
 
 
@@ -195,7 +200,7 @@ def _map_identify(record: dict, call: Call, options: MappingOptions) -> Mapped:
         elif key == "address":
             _put_address(attributes, drops, value)
         else:
-            _put_custom(attributes, drops, key, value)
+            _put_custom(attributes, call, key, value)
     call.attributes = attributes
     return call
 
@@ -249,14 +254,12 @@ def _put_address(attributes: dict, drops: list[Drop], value) -> None:
         _put_string(attributes, drops, "country", "address.country", value["country"])
 
 
-def _put_custom(attributes: dict, drops: list[Drop], key: str, value) -> None:
-    problem = _key_problem(key)
-    if problem is None:
-        problem = _value_problem(value)
+def _put_custom(attributes: dict, call: Call, key: str, value) -> None:
+    problem = _key_problem(key) or _value_problem(value, call.measure_nested)
     if problem is None:
         attributes[key] = value
     else:
-        drops.append(Drop(key, problem))
+        call.drops.append(Drop(key, problem))
 
 
 def _key_problem(key: str) -> str | None:
@@ -269,11 +272,12 @@ def _key_problem(key: str) -> str | None:
     return None
 
 
-def _value_problem(value) -> str | None:
-    if isinstance(value, str):
+def _value_problem(value, measure_nested: bool) -> str | None:
+    kind = type(value)
+    if kind is str:
         if len(value) > MAX_STRING_CHARS:
             return f"string longer than {MAX_STRING_CHARS} characters"
-    elif isinstance(value, dict | list):
+    elif (kind is dict or kind is list) and measure_nested:
         if len(dumps(value)) > MAX_NESTED_BYTES:
             return f"value larger than {MAX_NESTED_BYTES:,} bytes"
     return None
@@ -282,18 +286,19 @@ def _value_problem(value) -> str | None:
 # track, page, screen -----------------------------------------------------------------
 
 
-def _event_properties(properties: dict, drops: list[Drop]) -> dict:
+def _event_properties(properties: dict, call: Call) -> dict:
     """Properties Braze accepts; each one left out is a Drop."""
     kept = {}
+    measure = call.measure_nested
     for key, value in properties.items():
         if key in RESERVED_PROPERTY_KEYS:
-            drops.append(Drop(key, "reserved property name in Braze"))
+            call.drops.append(Drop(key, "reserved property name in Braze"))
             continue
-        problem = _key_problem(key) or _value_problem(value)
+        problem = _key_problem(key) or _value_problem(value, measure)
         if problem is None:
             kept[key] = value
         else:
-            drops.append(Drop(key, problem))
+            call.drops.append(Drop(key, problem))
     return kept
 
 
@@ -342,7 +347,7 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
     elif is_order:
         call.drops.append(Drop("products", "order without products: logged as a custom event"))
 
-    call.events.append(_new_event(call, name, _event_properties(properties, call.drops), options))
+    call.events.append(_new_event(call, name, _event_properties(properties, call), options))
     return call
 
 
@@ -385,7 +390,7 @@ def _add_purchases(call: Call, order: dict, products: list, options: MappingOpti
         extra = {k: v for k, v in product.items() if k not in _PRODUCT_FIELDS}
         if order_id is not None:
             extra["order_id"] = order_id
-        properties = _event_properties(extra, call.drops)
+        properties = _event_properties(extra, call)
         while quantity > 0:
             # Braze takes at most 100 per purchase: split, adding up to the ordered quantity.
             portion = min(quantity, MAX_PURCHASE_QUANTITY)
@@ -401,7 +406,7 @@ def _add_revenue_purchase(call: Call, name: str, properties: dict, options: Mapp
         call.rejected_objects.append(Rejected("revenue purchase has no valid currency"))
         return
     kept = _event_properties(
-        {k: v for k, v in properties.items() if k not in ("revenue", "currency")}, call.drops
+        {k: v for k, v in properties.items() if k not in ("revenue", "currency")}, call
     )
     call.purchases.append(
         _new_purchase(call, name, _number(properties["revenue"]), currency, 1, kept, options)
@@ -446,9 +451,7 @@ def _map_page(record: dict, call: Call, options: MappingOptions) -> Mapped:
         properties["name"] = name
     if category is not None:
         properties["category"] = category
-    call.events.append(
-        _new_event(call, event_name, _event_properties(properties, call.drops), options)
-    )
+    call.events.append(_new_event(call, event_name, _event_properties(properties, call), options))
     return call
 
 

@@ -29,7 +29,7 @@ from segreplay.times import format_time
 
 _FINGERPRINT_BYTES = 65536
 _COMMIT_EVERY_LINES = 20_000  # checkpoint even when nothing is acknowledged (all duplicates)
-_PROGRESS_EVERY_LINES = 2_000
+_CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "braze_id", "_update_existing_only"})
 
 
@@ -129,17 +129,28 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
 
-class DrySink:
-    """A dry run: every request is acknowledged at once, nothing leaves the machine."""
+Settle = Callable[[list[tuple["Batch", list[Refusal]]]], None]
 
-    def __init__(self, settle: Callable[[Batch, list[Refusal]], None]) -> None:
+
+class DrySink:
+    """A dry run: every request is acknowledged, nothing leaves the machine. Answers are
+    settled in groups, as a live run does with answers that arrive together."""
+
+    GROUP = 32
+
+    def __init__(self, settle: Settle) -> None:
         self._settle = settle
+        self._answers: list[tuple[Batch, list[Refusal]]] = []
 
     def submit(self, batch: Batch) -> None:
-        self._settle(batch, [])
+        self._answers.append((batch, []))
+        if len(self._answers) >= self.GROUP:
+            self.finish()
 
     def finish(self) -> None:
-        pass
+        answers, self._answers = self._answers, []
+        if answers:
+            self._settle(answers)
 
 
 @dataclass(slots=True, eq=False)
@@ -201,6 +212,7 @@ class Ledger:
         self._unbatched_effects: dict[str, dict] = {}
         self._files: list[_FileProgress] = []
         self._lines_since_commit = 0
+        self._delivered: set[int] = set()  # digests of the current chunk already delivered
         self.batcher = Batcher(self._seal, config.batch_limit)
         self.sink: Sink = DrySink(self.settle)
         self.output: BinaryIO | None = None  # --output: every request body, one per line
@@ -224,14 +236,32 @@ class Ledger:
 
     # decisions -----------------------------------------------------------------------
 
-    def line_settled(self, progress: _FileProgress, line: int) -> None:
-        """A line that needs nothing from Braze (skipped, rejected, all duplicates)."""
-        progress.last_line = line
-        self._lines_since_commit += 1
+    def decide_chunk(self, progress: _FileProgress, entries: list) -> None:
+        """Decide a chunk of lines, in order: (line, size, Call or None for a line that
+        needs nothing from Braze). State is read for the whole chunk in two queries."""
+        all_digests: list[int] = []
+        users = set()
+        for entry in entries:
+            call = entry[2]
+            if call is None:
+                continue
+            users.add(call.user)
+            count = len(call.events) + len(call.purchases)
+            if count and call.message_id:
+                digests = [message_digest(call.message_id, i) for i in range(count)]
+                all_digests.extend(digests)
+                entry[3] = digests
+        users.difference_update(self._overlay)
+        self._delivered = self._state.prefetch(users, all_digests)
+        for line, size, call, digests in entries:
+            if call is not None:
+                self._decide(call, digests, progress, line, size)
+            progress.last_line = line
+        self._lines_since_commit += len(entries)
         if self._lines_since_commit >= _COMMIT_EVERY_LINES:
             self.commit()
 
-    def decide(self, call: Call, progress: _FileProgress, line: int, size: int) -> None:
+    def _decide(self, call: Call, digests, progress: _FileProgress, line: int, size: int) -> None:
         origin: Origin = (progress.archive.path, line)
         ticket = _Ticket(line)
         user = call.user
@@ -241,7 +271,11 @@ class Ledger:
             known = committed is not None
         else:
             committed, known = view, True
-        sent_objects = self._decide_events(call, ticket, origin, size)
+        sent_objects = (
+            self._decide_events(call, digests, ticket, origin, size)
+            if call.events or call.purchases
+            else 0
+        )
 
         effects = None
         if call.attributes is not None:
@@ -265,33 +299,30 @@ class Ledger:
             view = self._overlay[user] = dict(committed or {})
         if effects:
             view.update(effects)
-
-        progress.last_line = line
         if ticket.waiting:
             progress.open_tickets.append(ticket)
-        self._lines_since_commit += 1
 
-    def _decide_events(self, call: Call, ticket: _Ticket, origin: Origin, size: int) -> int:
-        objects = call.events + call.purchases
-        if not objects:
-            return 0
+    def _decide_events(
+        self, call: Call, digests, ticket: _Ticket, origin: Origin, size: int
+    ) -> int:
         sent = 0
-        message_id = call.message_id
-        purchases_from = len(call.events)
-        for index, obj in enumerate(objects):
-            digest = message_digest(message_id, index) if message_id else None
-            if digest is not None and (
-                digest in self._pending_digests or self._state.is_delivered(digest)
-            ):
-                continue
-            if digest is not None:
-                self._pending_digests.add(digest)
-            if index < purchases_from:
-                batch = self.batcher.add_event(call.user, obj, origin, digest, size)
-            else:
-                batch = self.batcher.add_purchase(call.user, obj, origin, digest, size)
-            self._attach(batch, call.user, None, ticket)
-            sent += 1
+        pending = self._pending_digests
+        delivered = self._delivered
+        user = call.user
+        index = 0
+        for objects, add in (
+            (call.events, self.batcher.add_event),
+            (call.purchases, self.batcher.add_purchase),
+        ):
+            for obj in objects:
+                digest = digests[index] if digests else None
+                index += 1
+                if digest is not None:
+                    if digest in pending or digest in delivered:
+                        continue
+                    pending.add(digest)
+                self._attach(add(user, obj, origin, digest, size), user, None, ticket)
+                sent += 1
         if not sent:
             self._summary.duplicates += 1
         return sent
@@ -317,19 +348,35 @@ class Ledger:
 
     # acknowledgements ----------------------------------------------------------------
 
-    def settle(self, batch: Batch, refusals: list[Refusal]) -> None:
-        """Braze answered `batch`: write what it accepted, dead-letter what it refused."""
+    def settle(self, answers: list[tuple[Batch, list[Refusal]]]) -> None:
+        """Braze answered these batches: in one transaction, write what they carried and
+        Braze accepted; dead-letter what it refused."""
+        effects: dict[str, dict] = {}
+        digests: list[int] = []
+        for batch, refusals in answers:
+            self._settle_one(batch, refusals, effects, digests)
+        self.commit(effects, digests)
+        for batch, _refusals in answers:
+            self._pending_digests.difference_update(batch.event_digests)
+            self._pending_digests.difference_update(batch.purchase_digests)
+            for user in batch.users:
+                if self._user_batch.get(user) is batch:
+                    del self._user_batch[user]
+                    self._overlay.pop(user, None)
+
+    def _settle_one(
+        self, batch: Batch, refusals: list[Refusal], effects: dict, digests: list
+    ) -> None:
         refused = self._record_refusals(batch, refusals)
-        effects = batch.effects
         summary = self._summary
         if self._diff:
             self._report_changes(batch, refused)
         for user, obj in batch.attributes.items():
-            if ("attributes", user) in refused:
-                effects.pop(user, None)
-            else:
+            if ("attributes", user) not in refused:
                 summary.attributes_sent += sum(1 for key in obj if key not in _IDENTIFIER_KEYS)
-        digests = []
+        for user, user_effects in batch.effects.items():
+            if ("attributes", user) not in refused:
+                effects.setdefault(user, {}).update(user_effects)
         for array, digest_list in (
             ("events", batch.event_digests),
             ("purchases", batch.purchase_digests),
@@ -346,13 +393,6 @@ class Ledger:
                 summary.purchases_sent += accepted
         for ticket in batch.tickets:
             ticket.waiting -= 1
-        self.commit(effects, digests)
-        self._pending_digests.difference_update(batch.event_digests)
-        self._pending_digests.difference_update(batch.purchase_digests)
-        for user in batch.users:
-            if self._user_batch.get(user) is batch:
-                del self._user_batch[user]
-                self._overlay.pop(user, None)
 
     def _record_refusals(self, batch: Batch, refusals: list[Refusal]) -> set:
         refused: set = set()
@@ -480,7 +520,7 @@ def _now() -> str:
 def run_import(
     config: RunConfig,
     reporter: Reporter,
-    make_sink: Callable[[Callable[[Batch, list[Refusal]], None], Summary], Sink] | None = None,
+    make_sink: Callable[[Settle, Summary], Sink] | None = None,
 ) -> Summary:
     """Replay `config.sources`; `make_sink(settle, summary)` builds the delivery sink
     (a dry run when None). Returns the summary; raises SegreplayError when it stops."""
@@ -561,49 +601,31 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
         progress = ledger.open_file(archive, fingerprint, skip)
         reader = LineReader(archive, on_problem)
         path = archive.path
+        chunk: list = []
         for number, raw in reader.lines(skip):
             summary.lines += 1
-            if summary.lines % _PROGRESS_EVERY_LINES == 0:
+            if len(chunk) >= _CHUNK_LINES:
+                ledger.decide_chunk(progress, chunk)
+                chunk = []
                 reporter.progress(summary, bytes_before + reader.bytes_read, bytes_total)
             try:
                 record = loads(raw)
             except JSONDecodeError as error:
                 _reject_line(dead_letter, summary, path, number, _json_problem(error), raw)
-                ledger.line_settled(progress, number)
+                chunk.append([number, 0, None, None])
                 continue
             if type(record) is not dict:
                 _reject_line(dead_letter, summary, path, number, "not a JSON object", raw)
-                ledger.line_settled(progress, number)
+                chunk.append([number, 0, None, None])
                 continue
-            mapped = map_call(record, options)
+            mapped = map_call(record, options, len(raw))
             if type(mapped) is Call:
-                for drop in mapped.drops:
-                    summary.fields_dropped += 1
-                    dead_letter.write(
-                        {
-                            "source": path,
-                            "line": number,
-                            "kind": "dropped field",
-                            "key": drop.key,
-                            "reason": drop.reason,
-                            "record": record,
-                        }  # fmt: skip
-                    )
-                for rejection in mapped.rejected_objects:
-                    summary.rejected += 1
-                    dead_letter.write(
-                        {
-                            "source": path,
-                            "line": number,
-                            "kind": "rejected",
-                            "reason": rejection.reason,
-                            "record": record,
-                        }  # fmt: skip
-                    )
-                ledger.decide(mapped, progress, number, len(raw))
-            elif type(mapped) is Skipped:
+                if mapped.drops or mapped.rejected_objects:
+                    _dead_letter_parts(dead_letter, summary, path, number, mapped, record)
+                chunk.append([number, len(raw), mapped, None])
+                continue
+            if type(mapped) is Skipped:
                 setattr(summary, mapped.counter, getattr(summary, mapped.counter) + 1)
-                ledger.line_settled(progress, number)
             else:
                 summary.rejected += 1
                 dead_letter.write(
@@ -615,11 +637,38 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
                         "record": record,
                     }  # fmt: skip
                 )
-                ledger.line_settled(progress, number)
+            chunk.append([number, 0, None, None])
+        ledger.decide_chunk(progress, chunk)
         bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = bytes_before
         ledger.close_file(progress)
     reporter.progress(summary, bytes_total, bytes_total)
+
+
+def _dead_letter_parts(dead_letter, summary, path, number, call: Call, record: dict) -> None:
+    for drop in call.drops:
+        summary.fields_dropped += 1
+        dead_letter.write(
+            {
+                "source": path,
+                "line": number,
+                "kind": "dropped field",
+                "key": drop.key,
+                "reason": drop.reason,
+                "record": record,
+            }  # fmt: skip
+        )
+    for rejection in call.rejected_objects:
+        summary.rejected += 1
+        dead_letter.write(
+            {
+                "source": path,
+                "line": number,
+                "kind": "rejected",
+                "reason": rejection.reason,
+                "record": record,
+            }  # fmt: skip
+        )
 
 
 def _json_problem(error: JSONDecodeError) -> str:

@@ -47,6 +47,17 @@ _MIGRATIONS: dict[int, str] = {
 }
 
 
+_QUERY_KEYS = 500  # bound parameters per IN (...) query
+
+
+def _slices(keys: list) -> Iterable[list]:
+    return (keys[i : i + _QUERY_KEYS] for i in range(0, len(keys), _QUERY_KEYS))
+
+
+def _marks(keys: list) -> str:
+    return ",".join("?" * len(keys))
+
+
 @dataclass(frozen=True, slots=True)
 class FileCheckpoint:
     path: str
@@ -87,7 +98,8 @@ class State:
                 f"{path}: not a usable segreplay state file ({error})",
                 "point --state at another file, or move this one away to start over",
             ) from error
-        self._users: OrderedDict[str, dict] = OrderedDict()
+        # user -> (attributes or None when not in state, last run that delivered to it)
+        self._users: OrderedDict[str, tuple[dict | None, int | None]] = OrderedDict()
 
     # schema ----------------------------------------------------------------------------
 
@@ -115,21 +127,38 @@ class State:
     def user_attributes(self, user: str) -> dict | None:
         """{key: [value, time]} last delivered for the user; None for a user never sent."""
         cached = self._users.get(user)
-        if cached is not None:
-            self._users.move_to_end(user)
-            return cached
-        row = self._db.execute("SELECT attributes FROM users WHERE user=?", (user,)).fetchone()
-        if row is None:
-            return None
-        attributes = loads(row[0])
-        self._remember(user, attributes)
-        return attributes
+        if cached is None:
+            self._load([user])
+            cached = self._users[user]
+        return cached[0]
 
-    def is_delivered(self, digest: int) -> bool:
-        return (
-            self._db.execute("SELECT 1 FROM delivered WHERE hash=?", (digest,)).fetchone()
-            is not None
-        )
+    def prefetch(self, users: Iterable[str], digests: list[int]) -> set[int]:
+        """Read many users into the cache at once; return which `digests` are delivered.
+
+        One query per few hundred keys instead of one per line: per-statement overhead,
+        not the B-tree, is what a lookup costs from Python."""
+        self._load([user for user in users if user not in self._users])
+        delivered: set[int] = set()
+        for part in _slices(digests):
+            delivered.update(
+                row[0]
+                for row in self._db.execute(
+                    f"SELECT hash FROM delivered WHERE hash IN ({_marks(part)})", part
+                )
+            )
+        return delivered
+
+    def _load(self, users: list[str]) -> None:
+        for part in _slices(users):
+            found = {
+                user: (loads(blob), run_id)
+                for user, blob, run_id in self._db.execute(
+                    f"SELECT user, attributes, run_id FROM users WHERE user IN ({_marks(part)})",
+                    part,
+                )
+            }
+            for user in part:
+                self._remember(user, found.get(user, (None, None)))
 
     def checkpoint(self, path: str) -> FileCheckpoint | None:
         row = self._db.execute(
@@ -194,10 +223,12 @@ class State:
         try:
             rows = []
             for user, effects in attributes.items():
-                merged = self.user_attributes(user)
-                merged = {} if merged is None else dict(merged)
+                known = self.user_attributes(user)
+                if not effects and known is not None and self._users[user][1] == run_id:
+                    continue  # already known and counted in this run: nothing to write
+                merged = {} if known is None else dict(known)
                 merged.update(effects)
-                self._remember(user, merged)
+                self._remember(user, (merged, run_id))
                 rows.append((user, dumps(merged), run_id))
             db.executemany(
                 "INSERT INTO users (user, attributes, run_id) VALUES (?, ?, ?) "
@@ -224,8 +255,8 @@ class State:
             self._users.clear()  # the cache may hold merges that were rolled back
             raise
 
-    def _remember(self, user: str, attributes: dict) -> None:
-        self._users[user] = attributes
+    def _remember(self, user: str, row: tuple[dict | None, int | None]) -> None:
+        self._users[user] = row
         self._users.move_to_end(user)
         if len(self._users) > _USER_CACHE_SIZE:
             self._users.popitem(last=False)

@@ -6,28 +6,11 @@ so two canonical times compare correctly as plain strings, which state relies on
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 
-
-def _is_canonical(value: str) -> bool:
-    # Most Segment timestamps already are `2024-03-05T14:03:22.083Z`: skip datetime entirely.
-    return (
-        len(value) == 24
-        and value[23] == "Z"
-        and value[19] == "."
-        and value[10] == "T"
-        and value[4] == "-"
-        and value[7] == "-"
-        and value[13] == ":"
-        and value[16] == ":"
-        and value[:4].isdigit()
-        and value[5:7].isdigit()
-        and value[8:10].isdigit()
-        and value[11:13].isdigit()
-        and value[14:16].isdigit()
-        and value[17:19].isdigit()
-        and value[20:23].isdigit()
-    )
+# Most Segment timestamps already are `2024-03-05T14:03:22.083Z`: no datetime needed.
+_is_canonical = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z").fullmatch
 
 
 def format_time(moment: datetime) -> str:
