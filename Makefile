@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/segreplay import samples/segment-logs --dry-run --dead-letter out/dead-letter.jsonl --output out/requests.jsonl
+	bash scripts/demo.sh $(BIN)
 
 test: $(STAMP)
 	$(BIN)/pytest

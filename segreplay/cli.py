@@ -246,6 +246,148 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
 
+@cli.command("fake-braze")
+@click.option("--port", default=4011, show_default=True, type=click.IntRange(0, 65535),
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--api-key", envvar="FAKE_BRAZE_API_KEY", default="fake-key", show_default=True,
+              help="The key the fake accepts.")
+@click.option("--log", "log_path", metavar="PATH",
+              help="Append every accepted object here, one JSON line each.")
+@click.option("--batch-limit", type=click.Choice(BATCH_LIMITS), default="combined",
+              show_default=True)
+@click.option("--rate-limit", default=3000, show_default=True, help="Requests per window.")
+@click.option("--rate-window", "rate_window_s", default=3.0, show_default=True,
+              help="Rate-limit window in seconds.")
+@click.option("--reset-style", type=click.Choice(["epoch", "seconds"]), default="epoch",
+              show_default=True, help="X-RateLimit-Reset as epoch seconds, or seconds left.")
+@click.option("--rate-429", default=0.0, help="Share of requests answered 429.")
+@click.option("--rate-5xx", default=0.0, help="Share answered 5xx, not processed.")
+@click.option("--rate-processed-5xx", default=0.0,
+              help="Share processed, then answered 5xx (a lost acknowledgement).")
+@click.option("--rate-drop", default=0.0, help="Share whose connection is dropped unanswered.")
+@click.option("--rate-processed-drop", default=0.0,
+              help="Share processed, then dropped unanswered.")
+@click.option("--latency-ms", default=0.0, help="Delay before each answer.")
+@click.option("--seed", default=0, help="Seed for the fault draws.")
+def fake_braze_command(**options) -> None:
+    """A local stand-in for Braze's REST API, for rehearsals and tests.
+
+    \b
+    Example: a rehearsal with 5% server errors and 2% rate limiting:
+      segreplay fake-braze --port 4011 --rate-5xx 0.05 --rate-429 0.02 &
+      segreplay import samples/segment-logs --endpoint http://127.0.0.1:4011 \\
+          --api-key fake-key
+      curl -s 127.0.0.1:4011/_fake/stats
+    """
+    from segreplay.fake import FakeBrazeConfig, serve
+
+    try:
+        config = FakeBrazeConfig(**options)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    serve(config)
+
+
+@cli.command("status")
+@click.option("--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH,
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def status_command(state_path: str, as_json: bool) -> None:
+    """What the state holds: files done and partly done, last runs and their summaries.
+
+    \b
+    Example:
+      segreplay status --state /var/lib/segreplay/state.sqlite
+    """
+    import os
+
+    from segreplay.state import State
+
+    if not os.path.exists(state_path):
+        raise click.UsageError(f"{state_path}: no state file here\nHint: pass --state PATH")
+    try:
+        state = State(state_path)
+    except SegreplayError as error:
+        _fail(error)
+    try:
+        report = {
+            "state": state_path,
+            "schema_version": state.schema_version,
+            **state.counts(),
+            "files_in_progress": [
+                {"path": c.path, "lines_acked": c.lines_acked}
+                for c in state.checkpoints()
+                if not c.done
+            ],
+            "runs": [
+                {"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
+                 "status": r.status, "summary": r.summary}
+                for r in state.runs(10)
+            ],
+        }  # fmt: skip
+    finally:
+        state.close()
+    if as_json:
+        from segreplay.jsonutil import dumps
+
+        click.echo(dumps(report).decode())
+        return
+    click.echo(f"state {state_path} (schema {report['schema_version']})")
+    click.echo(
+        f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
+        f"{report['files_done']:,} of {report['files']:,} files done"
+    )
+    for item in report["files_in_progress"]:
+        click.echo(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)")
+    for run in report["runs"]:
+        summary = run["summary"] or {}
+        click.echo(
+            f"run {run['id']}: {run['status']}, started {run['started_at']}"
+            f" - {summary.get('lines', 0):,} lines, {summary.get('requests', 0):,} requests,"
+            f" {summary.get('events_sent', 0):,} events, "
+            f"{summary.get('attributes_sent', 0):,} attributes"
+        )
+
+
+@cli.command("reset")
+@click.option("--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH,
+              show_default=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset_command(state_path: str, yes: bool) -> None:
+    """Forget everything the state holds, to replay from scratch.
+
+    The next import resends every event and attribute: Braze keeps every event it
+    receives, so events already delivered will be stored twice. Use it only for a fresh
+    workspace (or after deleting the users in Braze).
+
+    \b
+    Example:
+      segreplay reset --state segreplay-state.sqlite
+    """
+    import os
+
+    from segreplay.state import State, StateLock
+
+    if not os.path.exists(state_path):
+        raise click.UsageError(f"{state_path}: no state file here\nHint: pass --state PATH")
+    if not yes:
+        click.confirm(
+            f"Forget every delivered event and attribute recorded in {state_path}? The next "
+            "import resends all of them",
+            abort=True,
+        )
+    try:
+        with StateLock(state_path):
+            state = State(state_path)
+            try:
+                state.reset()
+            finally:
+                state.close()
+    except SegreplayError as error:
+        _fail(error)
+    click.echo(f"{state_path}: reset; the next import starts from scratch")
+
+
 def summary_dead_letters(summary) -> int:
     return (
         summary.invalid

@@ -127,6 +127,7 @@ class Sink(Protocol):
 
     def submit(self, batch: Batch) -> None: ...
     def finish(self) -> None: ...
+    def close(self) -> None: ...
 
 
 Settle = Callable[[list[tuple["Batch", list[Refusal]]]], None]
@@ -151,6 +152,9 @@ class DrySink:
         answers, self._answers = self._answers, []
         if answers:
             self._settle(answers)
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(slots=True, eq=False)
@@ -533,6 +537,7 @@ def run_import(
     output = open(config.output_path, "wb") if config.output_path else None  # noqa: SIM115
     run_id = state.start_run(_now())
     status = "failed"
+    ledger = None
     try:
         ledger = Ledger(state, run_id, config, summary, reporter, dead_letter)
         if make_sink is not None:
@@ -547,6 +552,8 @@ def run_import(
         status = "interrupted"
         raise
     finally:
+        if ledger is not None:
+            ledger.sink.close()
         summary.users = state.users_in_run(run_id)
         summary.elapsed_s = _time.monotonic() - started
         state.finish_run(run_id, _now(), status, summary.to_dict())
