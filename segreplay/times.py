@@ -9,8 +9,12 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime
 
-# Most Segment timestamps already are `2024-03-05T14:03:22.083Z`: no datetime needed.
-_is_canonical = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z").fullmatch
+# Most Segment timestamps already are `2024-03-05T14:03:22.083Z`: no datetime needed. Only
+# fields that are valid whatever the month pass here; days 29-31 take the checked path.
+_is_canonical = re.compile(
+    r"[1-9]\d{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])"
+    r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z"
+).fullmatch
 
 
 def format_time(moment: datetime) -> str:
@@ -34,10 +38,9 @@ def parse_time(value: object) -> str | None:
     if _is_canonical(value):
         return value
     try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
+        return format_time(datetime.fromisoformat(value.strip()))
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         return None
-    return format_time(moment)
 
 
 def parse_date(value: object) -> str | None:
@@ -52,5 +55,8 @@ def parse_date(value: object) -> str | None:
     except ValueError:
         return None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:  # year 1 or 9999 shifted out of range
+            return None
     return moment.date().isoformat()
