@@ -1,0 +1,314 @@
+"""The pipeline end to end in-process: dedupe, commit protocol, resume, incremental runs.
+
+Delivery here is a sink that acknowledges every request at once (the dry run's); the
+tests over real sockets against the fake Braze are in test_delivery.py."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+from conftest import identify, segment, track, write_archive
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
+from segreplay.errors import DeliveryError
+from segreplay.pipeline import Change, DrySink, SilentReporter, run_import
+from segreplay.state import State
+
+T1, T2, T3 = "2024-03-01T00:00:00.000Z", "2024-03-02T00:00:00.000Z", "2024-03-03T00:00:00.000Z"
+
+
+class Recorder(SilentReporter):
+    def __init__(self):
+        self.problems, self.diff = [], []
+
+    def problem(self, record):
+        self.problems.append(record)
+
+    def changes(self, changes: list[Change]):
+        self.diff.extend(changes)
+
+
+class AcceptAll(DrySink):
+    """Braze that acknowledges every request at once; optionally dies after N requests."""
+
+    def __init__(self, settle, fail_after=None):
+        super().__init__(settle)
+        self.GROUP = 1
+        self.sent = 0
+        self.fail_after = fail_after
+
+    def submit(self, batch):
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise DeliveryError("simulated crash")
+        self.sent += 1
+        super().submit(batch)
+
+
+def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, **options):
+    output = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}.jsonl"
+    config = RunConfig(
+        sources=tuple(str(s) for s in sources),
+        state_path=str(tmp_path / "state.sqlite"),
+        dry_run=dry_run,
+        diff=options.pop("diff", False),
+        output_path=str(output),
+        dead_letter_path=str(tmp_path / "dead-letter.jsonl"),
+        batch_limit=options.pop("batch_limit", "combined"),
+        mapping=MappingOptions(**options),
+        delivery=None if dry_run else DeliveryOptions("http://127.0.0.1:9", "test-key"),
+    )
+    make_sink = None if dry_run else (lambda settle, summary: AcceptAll(settle, fail_after))
+    summary = run_import(config, reporter or SilentReporter(), make_sink)
+    return summary, [orjson.loads(line) for line in output.read_bytes().splitlines()]
+
+
+def objects(bodies, array):
+    return [obj for body in bodies for obj in body.get(array, [])]
+
+
+def test_maps_and_packs_one_request(tmp_path, archive):
+    path = archive([
+        identify("u1", T1, email="a@x.com", plan="pro"),
+        track("Signed Up", "u1", T2, source="ad"),
+        segment("page", "u1", T2, name="Home"),
+        segment("group", "u1", T2, groupId="acme"),
+    ])  # fmt: skip
+    summary, bodies = replay(tmp_path, [path])
+    assert bodies == [
+        {
+            "attributes": [
+                {"external_id": "u1", "email": "a@x.com", "plan": "pro", "ab_segment_group_acme": True}
+            ],
+            "events": [
+                {"external_id": "u1", "name": "Signed Up", "time": T2, "properties": {"source": "ad"}},
+                {"external_id": "u1", "name": "Viewed Home Page", "time": T2, "properties": {"name": "Home"}},
+            ],
+        }
+    ]  # fmt: skip
+    assert (summary.requests, summary.attributes_sent, summary.events_sent) == (1, 3, 2)
+    assert summary.users == 1 and not summary.had_problems
+
+
+def test_only_changed_attributes_are_sent(tmp_path, archive):
+    path = archive([
+        identify("u1", T1, email="a@x.com", plan="free", logins=1),
+        identify("u1", T2, email="a@x.com", plan="free", logins=1),
+        identify("u1", T3, email="a@x.com", plan="pro", logins=1),
+    ])  # fmt: skip
+    summary, bodies = replay(tmp_path, [path], batch_limit="combined")
+    attributes = objects(bodies, "attributes")
+    # Within one request the user's updates collapse into one object, latest value winning.
+    assert attributes == [{"external_id": "u1", "email": "a@x.com", "plan": "pro", "logins": 1}]
+    assert summary.attributes_unchanged == 5
+
+
+def test_attribute_comparison_is_type_strict(tmp_path, archive):
+    first = archive([identify("u1", T1, level=1)], name="a.gz")
+    replay(tmp_path, [first])
+    second = archive([identify("u1", T2, level="1"), identify("u1", T3, level="1")], name="b.gz")
+    _, bodies = replay(tmp_path, [second])
+    assert objects(bodies, "attributes") == [{"external_id": "u1", "level": "1"}]
+
+
+def test_an_older_value_never_replaces_a_newer_one(tmp_path, archive):
+    path = archive([identify("u1", T3, plan="pro"), identify("u1", T1, plan="free")])
+    summary, bodies = replay(tmp_path, [path])
+    assert objects(bodies, "attributes") == [{"external_id": "u1", "plan": "pro"}]
+    assert summary.attributes_outdated == 1
+    # ... across runs too, even from a file read later.
+    late = archive([identify("u1", T2, plan="basic")], name="late.gz")
+    summary, bodies = replay(tmp_path, [late])
+    assert bodies == [] and summary.attributes_outdated == 1
+
+
+def test_a_repeated_value_moves_its_time_forward(tmp_path, archive):
+    path = archive([
+        identify("u1", T1, plan="pro"),
+        identify("u1", T3, plan="pro"),  # confirms "pro" at T3: nothing sent
+        identify("u1", T2, plan="free"),  # older than T3: dropped
+    ])  # fmt: skip
+    summary, bodies = replay(tmp_path, [path])
+    assert objects(bodies, "attributes") == [{"external_id": "u1", "plan": "pro"}]
+    assert (summary.attributes_unchanged, summary.attributes_outdated) == (1, 1)
+
+
+def test_null_unsets_only_what_was_sent(tmp_path, archive):
+    path = archive([
+        identify("u1", T1, coupon=None, plan="pro"),  # coupon never set: not sent
+        identify("u1", T2, plan=None),  # plan was sent: unset it
+    ])  # fmt: skip
+    _, bodies = replay(tmp_path, [path], batch_limit="per-type")
+    assert objects(bodies, "attributes") == [{"external_id": "u1", "plan": None}]
+
+
+def test_bare_identify_creates_the_profile_once(tmp_path, archive):
+    path = archive([identify("u1", T1), identify("u1", T2), identify("u2", T1, id="u2")])
+    summary, bodies = replay(tmp_path, [path])
+    assert objects(bodies, "attributes") == [{"external_id": "u1"}, {"external_id": "u2"}]
+    assert summary.attributes_sent == 0
+
+
+def test_duplicate_message_ids_are_sent_once(tmp_path, archive):
+    line = track("Signed Up", "u1", T1, messageId="m-1")
+    path = archive([line, line, track("Other", "u1", T1, messageId="m-2")])
+    summary, bodies = replay(tmp_path, [path])
+    assert [e["name"] for e in objects(bodies, "events")] == ["Signed Up", "Other"]
+    assert summary.duplicates == 1
+    again = archive([line], name="copy.gz")  # a re-copied file in a later run
+    summary, bodies = replay(tmp_path, [again])
+    assert bodies == [] and summary.duplicates == 1
+
+
+def test_purchases_split_and_dedupe_per_object(tmp_path, archive):
+    order = track("Order Completed", "u1", T1, messageId="order-1", order_id="o1",
+                  products=[{"product_id": "p1", "price": 5, "quantity": 250}])  # fmt: skip
+    path = archive([order, order])
+    summary, bodies = replay(tmp_path, [path])
+    assert [p["quantity"] for p in objects(bodies, "purchases")] == [100, 100, 50]
+    assert summary.purchases_sent == 3 and summary.duplicates == 1
+
+
+def test_second_identical_run_sends_nothing(tmp_path, archive):
+    path = archive([identify("u1", T1, plan="pro"), track("Signed Up", "u1", T1)])
+    replay(tmp_path, [path])
+    summary, bodies = replay(tmp_path, [path])
+    assert bodies == [] and summary.requests == 0 and summary.files_already_done == 1
+    # A rewritten file (new size and fingerprint) is read again; dedupe sends nothing.
+    write_archive(path, [identify("u1", T1, plan="pro"), identify("u1", T1, plan="pro")])
+    summary, bodies = replay(tmp_path, [path])
+    assert bodies == [] and summary.lines == 2 and summary.attributes_unchanged == 2
+
+
+def test_one_changed_trait_sends_one_attribute(tmp_path, archive):
+    replay(tmp_path, [archive([identify("u1", T1, plan="pro", email="a@x.com")], name="a.gz")])
+    changed = archive([identify("u1", T2, plan="team", email="a@x.com")], name="b.gz")
+    summary, bodies = replay(tmp_path, [changed])
+    assert bodies == [{"attributes": [{"external_id": "u1", "plan": "team"}]}]
+    assert summary.attributes_sent == 1
+
+
+def test_a_grown_directory_sends_only_new_lines(tmp_path, archive):
+    archive([track("A", "u1", T1)], name="s/1/a.gz")
+    logs = tmp_path / "logs"
+    replay(tmp_path, [logs])
+    archive([track("B", "u1", T2)], name="s/2/b.gz")
+    summary, bodies = replay(tmp_path, [logs])
+    assert [e["name"] for e in objects(bodies, "events")] == ["B"]
+    assert summary.files_already_done == 1
+
+
+def test_dry_run_changes_no_state(tmp_path, archive):
+    path = archive([identify("u1", T1, plan="pro")])
+    replay(tmp_path, [path], dry_run=True)
+    assert not (tmp_path / "state.sqlite").exists()
+    replay(tmp_path, [path])
+    state_bytes = (tmp_path / "state.sqlite").read_bytes()
+    changed = archive([identify("u1", T2, plan="team")], name="b.gz")
+    recorder = Recorder()
+    summary, bodies = replay(tmp_path, [changed], dry_run=True, diff=True, reporter=recorder)
+    assert bodies == [{"attributes": [{"external_id": "u1", "plan": "team"}]}]
+    assert recorder.diff == [Change("e:u1", "attribute", "plan", "pro", "team", True)]
+    assert (tmp_path / "state.sqlite").read_bytes() == state_bytes
+
+
+def test_bad_lines_are_counted_and_dead_lettered(tmp_path, archive):
+    path = archive([
+        b"{not json",
+        b"\xff\xfe{}",
+        b"[1, 2]",
+        orjson.dumps({"type": "identify", "userId": ["a"], "timestamp": T1}),
+        orjson.dumps({"userId": "u1", "timestamp": T1}),
+        orjson.dumps({"type": "flush", "userId": "u1", "timestamp": T1}),
+        orjson.dumps(track("OK", "u1", T1)),
+    ])  # fmt: skip
+    recorder = Recorder()
+    summary, bodies = replay(tmp_path, [path], reporter=recorder)
+    assert (summary.invalid, summary.rejected, summary.events_sent) == (3, 3, 1)
+    records = [
+        orjson.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()
+    ]
+    assert [(r["line"], r["kind"]) for r in records] == [
+        (1, "invalid"), (2, "invalid"), (3, "invalid"), (4, "rejected"), (5, "rejected"), (6, "rejected")
+    ]  # fmt: skip
+    assert records[1]["reason"] == "invalid UTF-8"
+    assert records[3]["reason"] == "userId must be a string or a number, not a list"
+    assert all(r["source"] == str(path) for r in records)
+    assert summary.had_problems
+
+
+def test_crash_then_resume_loses_nothing_and_resends_nothing(tmp_path, archive):
+    lines = [track(f"E{i}", f"u{i % 7}", T1) for i in range(400)]
+    lines += [identify(f"u{i}", T2, n=i) for i in range(7)]
+    path = archive(lines)
+    with pytest.raises(DeliveryError):
+        replay(tmp_path, [path], fail_after=3)
+    first = sorted((tmp_path).glob("out-*.jsonl"))[0]
+    sent_before = [orjson.loads(b) for b in first.read_bytes().splitlines()]
+    summary, bodies = replay(tmp_path, [path])
+    # The crashed request never reached Braze here, so nothing at all is resent.
+    events = objects(sent_before[:3], "events") + objects(bodies, "events")
+    assert sorted(e["name"] for e in events) == sorted(f"E{i}" for i in range(400))
+    assert summary.lines_already_done > 0
+    assert {a["external_id"]: a["n"] for a in objects(bodies, "attributes")} == {
+        f"u{i}": i for i in range(7)
+    }
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    crash_at=st.integers(min_value=0, max_value=12),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_a_crash_at_any_request_then_resume_equals_one_clean_run(tmp_path_factory, crash_at, seed):
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(300):
+        user = f"u{rng.randrange(12)}"
+        time = f"2024-03-{rng.randrange(1, 28):02d}T00:00:00.000Z"
+        if rng.random() < 0.4:
+            lines.append(
+                identify(user, time, plan=rng.choice(["a", "b", "c", None]), n=rng.randrange(3))
+            )
+        else:
+            lines.append(track("E", user, time, messageId=f"m{rng.randrange(250)}"))
+    clean_dir, crash_dir = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("crash")
+    clean_path = write_archive(clean_dir / "a.gz", lines)
+    crash_path = write_archive(crash_dir / "a.gz", lines)
+    _, clean = replay(clean_dir, [clean_path])
+    try:
+        replay(crash_dir, [crash_path], fail_after=crash_at)
+    except DeliveryError:
+        pass
+    _, resumed = replay(crash_dir, [crash_path])
+    # --output holds the body that failed too: only the first `crash_at` reached Braze.
+    first_run = (crash_dir / "out-0.jsonl").read_bytes().splitlines()[:crash_at]
+    crashed = [orjson.loads(body) for body in first_run] + resumed
+    key = lambda e: (e["external_id"], e["time"], e["name"])  # noqa: E731
+    assert sorted(map(key, objects(clean, "events"))) == sorted(
+        map(key, objects(crashed, "events"))
+    )
+    assert _final_attributes(clean) == _final_attributes(crashed)
+
+
+def _final_attributes(bodies) -> dict:
+    final: dict = {}
+    for obj in objects(bodies, "attributes"):
+        final.setdefault(obj["external_id"], {}).update(obj)
+    return final
+
+
+def test_state_file_is_private_and_versioned(tmp_path, archive):
+    replay(tmp_path, [archive([track("A", "u1", T1)])])
+    path = tmp_path / "state.sqlite"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    state = State(str(path))
+    assert state.schema_version == 1 and state.counts()["delivered_messages"] == 1
+    state.close()
