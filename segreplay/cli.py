@@ -246,27 +246,94 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
 
+@cli.command("inspect")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--pages", type=click.Choice(PAGE_MODES), default="all", show_default=True)
+@click.option("--screens", type=click.Choice(PAGE_MODES), default="none", show_default=True)
+@click.option("--anonymous", type=click.Choice(ANONYMOUS_MODES), default="skip", show_default=True)
+def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
+    """Tell what a replay of SOURCE... would do, without state or network.
+
+    Lines by type, event names, users, anonymous share, duplicate messageIds, time
+    range, trait keys and how often they change, fields that are not sent, invalid
+    lines, and the Braze data points a replay would spend with and without dedupe.
+
+    \b
+    Example:
+      segreplay inspect segment-logs/ --json | jq .data_points_with_dedupe
+    """
+    from segreplay.pipeline import SilentReporter
+    from segreplay.progress import print_survey
+    from segreplay.survey import survey
+
+    try:
+        config = RunConfig(
+            sources=tuple(sources),
+            dry_run=True,
+            mapping=MappingOptions(pages=pages, screens=screens, anonymous=anonymous),
+        )
+        result = survey(config, SilentReporter())
+    except SegreplayError as error:
+        _fail(error)
+    if as_json:
+        from segreplay.jsonutil import dumps
+
+        click.echo(dumps(result.to_dict()).decode())
+    else:
+        print_survey(result)
+
+
 @cli.command("fake-braze")
-@click.option("--port", default=4011, show_default=True, type=click.IntRange(0, 65535),
-              help="Port on 127.0.0.1 (0: any free port).")
-@click.option("--api-key", envvar="FAKE_BRAZE_API_KEY", default="fake-key", show_default=True,
-              help="The key the fake accepts.")
-@click.option("--log", "log_path", metavar="PATH",
-              help="Append every accepted object here, one JSON line each.")
-@click.option("--batch-limit", type=click.Choice(BATCH_LIMITS), default="combined",
-              show_default=True)
+@click.option(
+    "--port",
+    default=4011,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port on 127.0.0.1 (0: any free port).",
+)
+@click.option(
+    "--api-key",
+    envvar="FAKE_BRAZE_API_KEY",
+    default="fake-key",
+    show_default=True,
+    help="The key the fake accepts.",
+)
+@click.option(
+    "--log",
+    "log_path",
+    metavar="PATH",
+    help="Append every accepted object here, one JSON line each.",
+)
+@click.option(
+    "--batch-limit", type=click.Choice(BATCH_LIMITS), default="combined", show_default=True
+)
 @click.option("--rate-limit", default=3000, show_default=True, help="Requests per window.")
-@click.option("--rate-window", "rate_window_s", default=3.0, show_default=True,
-              help="Rate-limit window in seconds.")
-@click.option("--reset-style", type=click.Choice(["epoch", "seconds"]), default="epoch",
-              show_default=True, help="X-RateLimit-Reset as epoch seconds, or seconds left.")
+@click.option(
+    "--rate-window",
+    "rate_window_s",
+    default=3.0,
+    show_default=True,
+    help="Rate-limit window in seconds.",
+)
+@click.option(
+    "--reset-style",
+    type=click.Choice(["epoch", "seconds"]),
+    default="epoch",
+    show_default=True,
+    help="X-RateLimit-Reset as epoch seconds, or seconds left.",
+)
 @click.option("--rate-429", default=0.0, help="Share of requests answered 429.")
 @click.option("--rate-5xx", default=0.0, help="Share answered 5xx, not processed.")
-@click.option("--rate-processed-5xx", default=0.0,
-              help="Share processed, then answered 5xx (a lost acknowledgement).")
+@click.option(
+    "--rate-processed-5xx",
+    default=0.0,
+    help="Share processed, then answered 5xx (a lost acknowledgement).",
+)
 @click.option("--rate-drop", default=0.0, help="Share whose connection is dropped unanswered.")
-@click.option("--rate-processed-drop", default=0.0,
-              help="Share processed, then dropped unanswered.")
+@click.option(
+    "--rate-processed-drop", default=0.0, help="Share processed, then dropped unanswered."
+)
 @click.option("--latency-ms", default=0.0, help="Delay before each answer.")
 @click.option("--seed", default=0, help="Seed for the fault draws.")
 def fake_braze_command(**options) -> None:
@@ -289,8 +356,9 @@ def fake_braze_command(**options) -> None:
 
 
 @cli.command("status")
-@click.option("--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH,
-              show_default=True)
+@click.option(
+    "--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH, show_default=True
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def status_command(state_path: str, as_json: bool) -> None:
     """What the state holds: files done and partly done, last runs and their summaries.
@@ -350,8 +418,9 @@ def status_command(state_path: str, as_json: bool) -> None:
 
 
 @cli.command("reset")
-@click.option("--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH,
-              show_default=True)
+@click.option(
+    "--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH, show_default=True
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def reset_command(state_path: str, yes: bool) -> None:
     """Forget everything the state holds, to replay from scratch.

@@ -176,3 +176,49 @@ class ConsoleReporter:
         if summary.rate_limited:
             detail += f" | {summary.rate_limited} rate-limit waits"
         self._bar.update(self._task, completed=bytes_done, detail=detail)
+
+
+def print_survey(survey, out: TextIO | None = None) -> None:
+    """`segreplay inspect`'s report, as tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    report = survey.to_dict()
+    console = Console(file=out or sys.stdout)
+    first, last = report["time_range"]
+    overview = Table(title="archive", show_header=False, title_justify="left")
+    overview.add_column("what")
+    overview.add_column("value", justify="right")
+    for label, value in (
+        ("files", f"{report['files']:,}"),
+        ("files skipped / truncated", f"{report['files_skipped']} / {report['files_truncated']}"),
+        ("lines", f"{report['lines']:,}"),
+        ("invalid lines", f"{report['invalid']:,}"),
+        ("rejected lines", f"{report['rejected']:,}"),
+        ("users", f"{report['users']:,}"),
+        ("anonymous lines", f"{report['anonymous']:,} ({report['anonymous_share']:.1%})"),
+        ("duplicate messageIds", f"{report['duplicate_message_ids']:,}"),
+        ("event time range", f"{first} .. {last}"),
+        ("data points without dedupe", f"{report['data_points_without_dedupe']:,}"),
+        ("data points with dedupe", f"{report['data_points_with_dedupe']:,}"),
+    ):
+        overview.add_row(label, value)
+    console.print(overview)
+    for title, columns, rows in (
+        ("lines by type", ("type", "lines"), report["by_type"].items()),
+        ("custom events and purchases", ("name", "lines"), report["event_names"].items()),
+        ("attributes", ("key", "lines", "changes"),
+         ((k, v["lines"], v["changes"]) for k, v in report["traits"].items())),
+        ("fields not sent", ("field", "lines"), report["unmapped_fields"].items()),
+        ("fields dropped", ("field: reason", "count"), report["dropped_fields"].items()),
+        ("problems", ("reason", "count"), report["problems"].items()),
+    ):  # fmt: skip
+        rows = list(rows)
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for index, column in enumerate(columns):
+            table.add_column(column, justify="left" if index == 0 else "right")
+        for row in rows:
+            table.add_row(*(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row))
+        console.print(table)
