@@ -187,7 +187,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
         )
         rate_requests, rate_seconds = parse_rate(rate)
         delivery = None
-        if not dry_run:
+        if not (dry_run or diff):  # --diff without --dry-run: RunConfig says what is wrong
             if not endpoint:
                 raise UsageError(
                     "no Braze endpoint",

@@ -1,0 +1,151 @@
+"""The command line: exit statuses, exact messages, and the documented surface."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from conftest import identify, track
+
+from segreplay.cli import cli
+from segreplay.state import StateLock
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = str(ROOT / "samples" / "segment-logs")
+SUMMARY_KEYS = {
+    "lines", "skipped_anonymous", "duplicates", "invalid", "users", "requests",
+    "attributes_sent", "attributes_unchanged", "events_sent", "purchases_sent", "rejected",
+    "retries", "rate_limited", "elapsed_s", "dry_run",
+}  # fmt: skip
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("BRAZE_API_KEY", "BRAZE_REST_ENDPOINT", "SEGREPLAY_STATE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def invoke(*args, input=None):
+        return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+    return invoke
+
+
+def test_dry_run_of_the_sample_reports_rejections_with_status_3(run):
+    result = run("import", SAMPLE, "--dry-run", "--json")
+    assert result.exit_code == 3
+    summary = orjson.loads(result.stdout)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["dry_run"] is True and summary["lines"] == 400
+    assert "segreplay dry run (nothing sent)" in result.stderr
+    assert "unknown type 'flush'" in result.stderr
+
+
+def test_a_clean_archive_exits_0(run, archive):
+    path = archive([identify("u1", email="a@x.com"), track("Signed Up")])
+    result = run("import", str(path), "--dry-run", "--json")
+    assert result.exit_code == 0
+    assert orjson.loads(result.stdout)["events_sent"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["import", "no/such/dir", "--dry-run"], "no/such/dir: no such file or directory"),
+        (["import", "nothing-*.gz", "--dry-run"], "nothing-*.gz: the pattern matches no file"),
+        (["import", SAMPLE], "no Braze endpoint"),
+        (["import", SAMPLE, "--endpoint", "US-03"], "no Braze REST API key"),
+        (
+            ["import", SAMPLE, "--endpoint", "US-09", "--api-key", "k"],
+            "unknown Braze instance 'US-09'",
+        ),
+        (
+            ["import", SAMPLE, "--endpoint", "sdk.iad-03.braze.com", "--api-key", "k"],
+            "sdk.iad-03.braze.com is an SDK endpoint, not the REST API",
+        ),
+        (
+            [
+                "import",
+                SAMPLE,
+                "--endpoint",
+                "https://https://rest.iad-03.braze.com",
+                "--api-key",
+                "k",
+            ],
+            "has its scheme twice",
+        ),
+        (
+            ["import", SAMPLE, "--endpoint", "http://rest.iad-03.braze.com", "--api-key", "k"],
+            "plain http:// is only for a local fake Braze",
+        ),
+        (["import", SAMPLE, "--diff"], "--diff goes with --dry-run"),
+        (["import", SAMPLE, "--dry-run", "--rate", "fast"], "--rate must look like N/SECONDS"),
+        (
+            ["import", SAMPLE, "--dry-run", "--since", "last tuesday"],
+            "--since must be an ISO 8601 time",
+        ),
+        (["status", "--state", "absent.sqlite"], "absent.sqlite: no state file here"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(run, args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_a_locked_state_stops_a_second_run_with_status_1(run, archive, tmp_path):
+    path = archive([track("A")])
+    with StateLock(str(tmp_path / "segreplay-state.sqlite")):
+        result = run("import", str(path), "--endpoint", "http://127.0.0.1:9", "--api-key", "k")
+    assert result.exit_code == 1
+    assert re.search(
+        r"error: .*segreplay-state.sqlite is in use by another segreplay run \(pid \d+\)",
+        result.stderr,
+    )
+    assert "hint: wait for that run to finish" in result.stderr
+
+
+def test_status_and_reset(run, archive, tmp_path):
+    path = archive([track("A")])
+    # A dry run never writes state: seed it through the library with an accepting sink.
+    from test_pipeline import replay
+
+    replay(tmp_path, [path])
+    result = run("status", "--state", "state.sqlite")
+    assert result.exit_code == 0
+    assert "1 users, 1 delivered messageIds, 1 of 1 files done" in result.stdout
+    assert re.search(r"run 1: finished, started \S+ - 1 lines, 1 requests, 1 events", result.stdout)
+    result = run("reset", "--state", "state.sqlite", input="n\n")
+    assert result.exit_code == 1  # declined: click aborts
+    result = run("reset", "--state", "state.sqlite", "--yes")
+    assert result.exit_code == 0
+    assert "0 users, 0 delivered messageIds" in run("status", "--state", "state.sqlite").stdout
+
+
+def test_every_command_has_an_example_and_is_documented():
+    docs = (ROOT / "docs" / "cli.md").read_text() + (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        assert "Example" in (command.help or ""), name
+        assert f"segreplay {name}" in docs, f"docs do not mention `segreplay {name}`"
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "segreplay", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert "import" in result.stdout and "fake-braze" in result.stdout
+
+
+def test_inspect_prices_the_replay(run):
+    result = run("inspect", SAMPLE, "--json")
+    assert result.exit_code == 0
+    report = orjson.loads(result.stdout)
+    assert report["lines"] == 400 and report["duplicate_message_ids"] == 8
+    assert report["data_points_with_dedupe"] < report["data_points_without_dedupe"]
+    assert report["by_type"]["track"] == 206
