@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import os
 import sys
 import zlib
@@ -128,10 +129,15 @@ class LineReader:
     def lines(self, skip: int = 0) -> Iterator[tuple[int, bytes]]:
         """Every line after the first `skip` ones (already acknowledged in an earlier run)."""
         path = self.archive.path
-        raw = sys.stdin.buffer if path == STDIN else open(path, "rb")  # noqa: SIM115
+        if path == STDIN:
+            raw = sys.stdin.buffer
+            if not hasattr(raw, "peek"):  # e.g. the BytesIO a test runner puts there
+                raw = io.BufferedReader(raw)
+        else:
+            raw = open(path, "rb")  # noqa: SIM115
         self._raw = raw
         try:
-            head = raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES] if hasattr(raw, "peek") else b""
+            head = raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
             kind = _sniff(head)
             if kind != "jsonl" and kind != "gzip":
                 self._on_problem(ReadProblem(path, 0, kind, skipped_file=True))
@@ -139,8 +145,10 @@ class LineReader:
             stream = _gzip_impl.open(raw, "rb") if kind == "gzip" else raw
             yield from self._split(stream, skip)
         finally:
-            if raw is not sys.stdin.buffer:
+            if path != STDIN:
                 raw.close()
+            elif raw is not sys.stdin.buffer:
+                self._raw = raw.detach()  # closing the wrapper would close standard input
 
     def _split(self, stream: BinaryIO, skip: int) -> Iterator[tuple[int, bytes]]:
         path = self.archive.path
