@@ -327,18 +327,24 @@ def _backoff(failures: int) -> float:
 
 
 def _split(body: bytes) -> list[tuple[bytes, dict[str, int]]] | None:
-    """Two bodies, each with the first or second half of every array, and the index
+    """Two bodies, the first and second half of the objects in body order, and the index
     offset of each array's part; None when a single object is too large by itself."""
     arrays = loads(body)
-    if sum(len(objects) for objects in arrays.values()) <= 1:
+    # Halve the objects, not each array: halving arrays of one object each leaves the
+    # first part empty and the second equal to the whole, which 413s again forever.
+    objects = [(name, obj) for name, array in arrays.items() for obj in array]
+    if len(objects) <= 1:
         return None
-    first = {name: objects[: len(objects) // 2] for name, objects in arrays.items()}
-    second = {name: objects[len(objects) // 2 :] for name, objects in arrays.items()}
+    middle = len(objects) // 2
     parts = []
-    for part, offsets in ((first, {}), (second, {n: len(first[n]) for n in first})):
-        part = {name: objects for name, objects in part.items() if objects}
-        if part:
-            parts.append((dumps(part), offsets))
+    offsets: dict[str, int] = {}
+    for half in (objects[:middle], objects[middle:]):
+        part: dict[str, list] = {}
+        for name, obj in half:
+            part.setdefault(name, []).append(obj)
+        parts.append((dumps(part), dict(offsets)))
+        for name, array in part.items():
+            offsets[name] = offsets.get(name, 0) + len(array)
     return parts
 
 
