@@ -334,13 +334,18 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
     is_order = lowered in _PURCHASE_NAMES
     if is_order and products is not None and not isinstance(products, list):
         return Rejected(f"properties.products must be a list, not {_json_type(products)}")
-    if isinstance(products, list) and products and lowered not in _BROWSING_NAMES:
+    has_products = isinstance(products, list) and bool(products)
+    if has_products and lowered not in _BROWSING_NAMES:
         _add_purchases(call, properties, products, options)
         if not call.purchases and not call.rejected_objects:
             call.drops.append(Drop("products", "no product could be mapped"))
         if not options.purchase_event_too:
             return call
-    elif options.log_purchase_when_revenue_present and _number(properties.get("revenue")):
+    elif (
+        options.log_purchase_when_revenue_present
+        and not has_products  # a browsing event with products (Checkout Started) is no sale
+        and _number(properties.get("revenue"))
+    ):
         _add_revenue_purchase(call, name, properties, options)
         if not options.purchase_event_too:
             return call
@@ -378,7 +383,7 @@ def _add_purchases(call: Call, order: dict, products: list, options: MappingOpti
         if currency is None:
             call.rejected_objects.append(Rejected(f"{where} has no valid three-letter currency"))
             continue
-        quantity = _quantity(product.get("quantity", 1))
+        quantity = _quantity(1 if product.get("quantity") is None else product["quantity"])
         if quantity is None:
             call.rejected_objects.append(
                 Rejected(
