@@ -360,6 +360,9 @@ class Ledger:
         for batch, refusals in answers:
             self._settle_one(batch, refusals, effects, digests)
         self.commit(effects, digests)
+        # The chunk being decided prefetched its delivered digests before these answers
+        # came: without this, a repeat later in the chunk is in neither set and resent.
+        self._delivered.update(digests)
         for batch, _refusals in answers:
             self._pending_digests.difference_update(batch.event_digests)
             self._pending_digests.difference_update(batch.purchase_digests)
