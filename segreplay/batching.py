@@ -35,7 +35,6 @@ class Batch:
     purchase_digests: list[int | None] = field(default_factory=list)
     # Settled when Braze acknowledges the request (see pipeline.Ledger).
     effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
-    users: set[str] = field(default_factory=set)
     tickets: list = field(default_factory=list)
     size_estimate: int = _ENVELOPE_BYTES
     count: int = 0  # objects in all three arrays
@@ -43,6 +42,11 @@ class Batch:
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def users(self):
+        """Every user with an object or a pending decision in this batch."""
+        return self.effects.keys()
 
     def arrays(self) -> dict[str, list[dict]]:
         """The request's arrays, in body order; empty ones are left out."""
@@ -116,24 +120,18 @@ class Batcher:
             batch.attribute_origins[user] = [origin]
             batch.count += 1
         batch.size_estimate += size + _OBJECT_OVERHEAD_BYTES
-        batch.users.add(user)
         return batch
 
-    def add_event(
-        self, user: str, obj: dict, origin: Origin, digest: int | None, size: int
-    ) -> Batch:
-        return self._add(user, obj, origin, digest, size, purchase=False)
+    def add_event(self, obj: dict, origin: Origin, digest: int | None, size: int) -> Batch:
+        return self._add(obj, origin, digest, size, purchase=False)
 
-    def add_purchase(
-        self, user: str, obj: dict, origin: Origin, digest: int | None, size: int
-    ) -> Batch:
-        return self._add(user, obj, origin, digest, size, purchase=True)
+    def add_purchase(self, obj: dict, origin: Origin, digest: int | None, size: int) -> Batch:
+        return self._add(obj, origin, digest, size, purchase=True)
 
-    def _add(self, user, obj, origin, digest, size, purchase: bool) -> Batch:
+    def _add(self, obj: dict, origin: Origin, digest: int | None, size: int, purchase: bool):
         batch = self.current
-        held = len(batch.purchases) if purchase else len(batch.events)
         size += _OBJECT_OVERHEAD_BYTES
-        if not self._room(held, size):
+        if not self._room(len(batch.purchases if purchase else batch.events), size):
             self.flush()
             batch = self.current
         if purchase:
@@ -146,5 +144,4 @@ class Batcher:
             batch.event_digests.append(digest)
         batch.size_estimate += size
         batch.count += 1
-        batch.users.add(user)
         return batch

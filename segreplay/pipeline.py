@@ -314,6 +314,7 @@ class Ledger:
         delivered = self._delivered
         user = call.user
         index = 0
+        attached_to = None
         for objects, add in (
             (call.events, self.batcher.add_event),
             (call.purchases, self.batcher.add_purchase),
@@ -325,19 +326,22 @@ class Ledger:
                     if digest in pending or digest in delivered:
                         continue
                     pending.add(digest)
-                self._attach(add(user, obj, origin, digest, size), user, None, ticket)
+                batch = add(obj, origin, digest, size)
+                if batch is not attached_to:
+                    self._attach(batch, user, None, ticket)
+                    attached_to = batch
                 sent += 1
         if not sent:
             self._summary.duplicates += 1
         return sent
 
     def _attach(self, batch: Batch, user: str, effects: dict | None, ticket: _Ticket) -> None:
+        """Make `batch` carry the user's `effects` and hold `ticket`'s line until acked."""
         user_effects = batch.effects.get(user)
         if user_effects is None:
             user_effects = batch.effects[user] = {}
         if effects:
             user_effects.update(effects)
-        batch.users.add(user)
         self._user_batch[user] = batch
         if not batch.tickets or batch.tickets[-1] is not ticket:
             batch.tickets.append(ticket)
