@@ -732,7 +732,7 @@ def open_state(config: RunConfig) -> _StateSession:
     scratch = os.path.join(folder, "state.sqlite")
     if os.path.exists(config.state_path):
         State.snapshot(config.state_path, scratch)
-    state = State(scratch)
+    state = State(scratch, durable=False)
 
     def close_scratch() -> None:
         state.close()
