@@ -23,7 +23,7 @@ from segreplay.config import (
     parse_window_time,
     resolve_endpoint,
 )
-from segreplay.errors import FatalError, SegreplayError, UsageError
+from segreplay.errors import SegreplayError, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -36,7 +36,7 @@ def _fail(error: SegreplayError) -> None:
     click.echo(f"error: {error.message}", err=True)
     if error.hint:
         click.echo(f"hint: {error.hint}", err=True)
-    sys.exit(EXIT_FATAL if isinstance(error, FatalError) else EXIT_FATAL)
+    sys.exit(EXIT_FATAL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -171,6 +171,7 @@ class ConsoleReporter:
         elapsed = max(time.monotonic() - self._started, 1e-9)
         detail = (
             f"{summary.lines:,} lines {summary.lines / elapsed:,.0f}/s | "
+            f"{summary.events_sent / elapsed:,.0f} events/s | "
             f"{summary.requests:,} req {summary.requests / elapsed:,.0f}/s"
         )
         if summary.rate_limited:
