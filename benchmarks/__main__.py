@@ -4,9 +4,13 @@ the same run on the same archive (never absolute timings in tests).
   floor      the archive read, decompressed and every line parsed with orjson, bare loop
   dry run    `segreplay import --dry-run` (its own process: lines/s and peak RSS)
   live       `segreplay import` into the fake Braze, which runs in its own process
+  resume     lines already acknowledged, skipped on resume, against processing them
+  big state  the dry run against a state of 1M users and 10M messageIds, against an
+             empty state: the state's cost in throughput, its size on disk
   fake       the fake Braze alone, so it is known not to be the bottleneck
 
     python -m benchmarks [--lines 1000000] [--users 50000] [--skip-live] [--skip-fake]
+                         [--state-users 1000000] [--state-messages 10000000]
 """
 
 from __future__ import annotations
@@ -85,12 +89,96 @@ def start_fake() -> tuple[subprocess.Popen, str]:
     return process, line.strip().rsplit(" ", 1)[-1]
 
 
+def _accept_all_state(folder: Path, state: Path) -> None:
+    """A state in which every line of `folder` is acknowledged but no file is done, as
+    after a run killed just before its last commit: the next run skips every line."""
+    import sqlite3
+
+    from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
+    from segreplay.pipeline import DrySink, SilentReporter, run_import
+
+    config = RunConfig(
+        sources=(str(folder),),
+        state_path=str(state),
+        dead_letter_path=str(state.with_suffix(".dead.jsonl")),
+        mapping=MappingOptions(anonymous="alias"),
+        delivery=DeliveryOptions("http://127.0.0.1:9", "unused"),
+    )
+    run_import(config, SilentReporter(), lambda settle, summary: DrySink(settle))
+    with sqlite3.connect(state) as db:
+        db.execute("UPDATE files SET done = 0")
+
+
+def resume(folder: Path, work: Path, common: list[str], dry_rate: float) -> None:
+    state = work / "resume.sqlite"
+    _accept_all_state(folder, state)
+    summary, seconds, _ = run_measured(["import", *common, "--dry-run", "--state", str(state)])
+    skipped = summary["lines_already_done"]
+    skip_rate = skipped / seconds
+    print(f"\n(h) resume: acknowledged lines skipped     {skip_rate:>12,.0f} lines/s")
+    print(
+        f"(i) skipping / processing (dry run)       {skip_rate / dry_rate:>12.1f}x  (target >= 5)"
+    )
+
+
+def big_state(work: Path, common: list[str], dry_rate: float, users: int, messages: int) -> None:
+    """Fill a state with `users` users (ten attributes each) and `messages` digests."""
+    import random
+    import sqlite3
+
+    from segreplay.state import State
+
+    path = DATA / f"state-{users}-{messages}.sqlite"
+    if not path.exists():
+        print(f"\nbuilding a state of {users:,} users and {messages:,} messageIds ...", flush=True)
+        partial = path.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        State(str(partial)).close()
+        rng = random.Random(7)
+        db = sqlite3.connect(partial)
+        with db:  # one transaction; close() below folds the WAL back into the file
+            blob = orjson.dumps({
+                f"trait_{k}": [f"value-{k}", "2024-03-05T14:03:22.083Z"] for k in range(10)
+            })  # fmt: skip
+            db.executemany(
+                "INSERT INTO users VALUES (?, ?, 1)",
+                ((f"e:bulk-user-{n}", blob) for n in range(users)),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO delivered VALUES (?)",
+                ((rng.getrandbits(63),) for _ in range(messages)),
+            )
+        db.close()
+        partial.rename(path)
+    size = path.stat().st_size
+    started = time.perf_counter()
+    snapshot = work / "snapshot.sqlite"
+    State.snapshot(str(path), str(snapshot))
+    copy_s = time.perf_counter() - started
+    live_state = work / "big.sqlite"
+    shutil.copy(path, live_state)
+    summary, seconds, rss = run_measured(
+        ["import", *common, "--dry-run", "--state", str(live_state)]
+    )
+    rate = summary["lines"] / seconds
+    print(
+        f"\n(j) state of {users:,} users, {messages:,} messageIds: {size / 2**20:,.0f} MB on disk"
+    )
+    print(
+        f"(k) dry run against it (incl. its copy)   {rate:>12,.0f} lines/s, {rss / 2**20:,.0f} MB peak RSS"
+    )
+    print(f"(l) big state / empty state               {rate / dry_rate:>12.2f}  (target >= 0.75)")
+    print(f"    of which copying the state for the dry run: {copy_s:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=50_000)
     parser.add_argument("--skip-live", action="store_true")
     parser.add_argument("--skip-fake", action="store_true")
+    parser.add_argument("--state-users", type=int, default=1_000_000)
+    parser.add_argument("--state-messages", type=int, default=10_000_000)
     options = parser.parse_args()
 
     folder = archive(options.lines, options.users)
@@ -109,8 +197,12 @@ def main() -> None:
         )
         dry_rate = summary["lines"] / dry_s
         print(f"(b) dry run (whole process)               {dry_rate:>12,.0f} lines/s")
-        print(f"(c) dry run / floor                       {dry_rate / floor_rate:>12.2f}  (target >= 0.5)")
-        print(f"(d) dry run peak RSS                      {dry_rss / 2**20:>12,.0f} MB  (target < 200)")
+        print(
+            f"(c) dry run / floor                       {dry_rate / floor_rate:>12.2f}  (target >= 0.5)"
+        )
+        print(
+            f"(d) dry run peak RSS                      {dry_rss / 2**20:>12,.0f} MB  (target < 200)"
+        )
         print(f"    requests {summary['requests']:,}, data points {summary['data_points']:,}")
 
         if not options.skip_live:
@@ -125,11 +217,23 @@ def main() -> None:
                 fake.wait()
             live_rate = live["lines"] / live_s
             print(f"\n(e) live into the fake (own process)      {live_rate:>12,.0f} lines/s")
-            print(f"(f) live / dry run                        {live_rate / dry_rate:>12.2f}  (target >= 0.7)")
-            print(f"(g) live requests/s at --rate 3000/3      {live['requests'] / live_s:>12,.0f}  (target >= 1,000 when the rate allows)")
-            print(f"    peak RSS {live_rss / 2**20:,.0f} MB, retries {live['retries']}, rate-limit waits {live['rate_limited']}")
+            print(
+                f"(f) live / dry run                        {live_rate / dry_rate:>12.2f}  (target >= 0.7)"
+            )
+            print(
+                f"(g) live requests/s at --rate 3000/3      {live['requests'] / live_s:>12,.0f}  (target >= 1,000 when the rate allows)"
+            )
+            print(
+                f"    peak RSS {live_rss / 2**20:,.0f} MB, retries {live['retries']}, rate-limit waits {live['rate_limited']}"
+            )
             if live["requests"] != summary["requests"]:
-                print(f"    note: live sent {live['requests']:,} requests, the dry run {summary['requests']:,}")
+                print(
+                    f"    note: live sent {live['requests']:,} requests, the dry run {summary['requests']:,}"
+                )
+
+        resume(folder, work, common, dry_rate)
+        if options.state_users:
+            big_state(work, common, dry_rate, options.state_users, options.state_messages)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
