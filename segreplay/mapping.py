@@ -6,7 +6,7 @@ No I/O and no state here: deduplication against what was already sent happens la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from segreplay.config import MappingOptions
 from segreplay.jsonutil import dumps
@@ -82,25 +82,36 @@ class Skipped:
     counter: str
 
 
-@dataclass(slots=True)
 class Call:
-    """One Segment call, mapped. `user` is the state key of its Braze user."""
+    """One Segment call, mapped. `user` is the state key of its Braze user.
 
-    kind: str
-    user: str
-    identifier: dict
-    time: str
-    message_id: str | None
-    attributes: dict | None = None  # Braze key -> value; None as a value means unset
-    events: list[dict] = field(default_factory=list)
-    purchases: list[dict] = field(default_factory=list)
-    drops: list[Drop] = field(default_factory=list)
-    rejected_objects: list[Rejected] = field(default_factory=list)
-    measure_nested: bool = True
+    A plain class rather than a dataclass: one is built per archive line."""
+
+    __slots__ = (
+        "kind", "user", "identifier", "time", "message_id", "attributes", "events",
+        "purchases", "drops", "rejected_objects", "measure_nested",
+    )  # fmt: skip
+
+    def __init__(self, kind: str, user: str, identifier: dict, time: str, message_id) -> None:
+        self.kind = kind
+        self.user = user
+        self.identifier = identifier
+        self.time = time
+        self.message_id: str | None = message_id
+        self.attributes: dict | None = None  # Braze key -> value; None as a value unsets
+        self.events: list[dict] = []
+        self.purchases: list[dict] = []
+        self.drops: list[Drop] = []
+        self.rejected_objects: list[Rejected] = []
+        self.measure_nested = True
 
     @property
     def is_alias(self) -> bool:
         return "user_alias" in self.identifier
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Call({fields})"
 
 
 Mapped = Call | Rejected | Skipped
@@ -291,6 +302,16 @@ def _event_properties(properties: dict, call: Call) -> dict:
     kept = {}
     measure = call.measure_nested
     for key, value in properties.items():
+        kind = type(value)
+        if (
+            # The usual property, checked inline: this loop runs for every property.
+            0 < len(key) <= MAX_KEY_CHARS
+            and key[0] != "$"
+            and key not in RESERVED_PROPERTY_KEYS
+            and (len(value) <= MAX_STRING_CHARS if kind is str else not measure)
+        ):
+            kept[key] = value
+            continue
         if key in RESERVED_PROPERTY_KEYS:
             call.drops.append(Drop(key, "reserved property name in Braze"))
             continue

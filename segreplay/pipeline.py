@@ -244,23 +244,28 @@ class Ledger:
         """Decide a chunk of lines, in order: (line, size, Call or None for a line that
         needs nothing from Braze). State is read for the whole chunk in two queries."""
         all_digests: list[int] = []
+        per_call: list = []
         users = set()
-        for entry in entries:
-            call = entry[2]
+        for _line, _size, call in entries:
             if call is None:
+                per_call.append(None)
                 continue
             users.add(call.user)
             count = len(call.events) + len(call.purchases)
             if count and call.message_id:
-                digests = [message_digest(call.message_id, i) for i in range(count)]
-                all_digests.extend(digests)
-                entry[3] = digests
+                message_id = call.message_id
+                digests = [message_digest(message_id, i) for i in range(count)]
+                all_digests += digests
+                per_call.append(digests)
+            else:
+                per_call.append(None)
         users.difference_update(self._overlay)
         self._delivered = self._state.prefetch(users, all_digests)
-        for line, size, call, digests in entries:
+        decide = self._decide
+        for (line, size, call), digests in zip(entries, per_call, strict=True):
             if call is not None:
-                self._decide(call, digests, progress, line, size)
-            progress.last_line = line
+                decide(call, digests, progress, line, size)
+            progress.last_line = line  # settled, or held by a ticket until acknowledged
         self._lines_since_commit += len(entries)
         if self._lines_since_commit >= _COMMIT_EVERY_LINES:
             self.commit()
@@ -616,27 +621,29 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
         reader = LineReader(archive, on_problem)
         path = archive.path
         chunk: list = []
+        add = chunk.append
         for number, raw in reader.lines(skip):
-            summary.lines += 1
             if len(chunk) >= _CHUNK_LINES:
+                summary.lines += len(chunk)
                 ledger.decide_chunk(progress, chunk)
                 chunk = []
+                add = chunk.append
                 reporter.progress(summary, bytes_before + reader.bytes_read, bytes_total)
             try:
                 record = loads(raw)
             except JSONDecodeError as error:
                 _reject_line(dead_letter, summary, path, number, _json_problem(error), raw)
-                chunk.append([number, 0, None, None])
+                add((number, 0, None))
                 continue
             if type(record) is not dict:
                 _reject_line(dead_letter, summary, path, number, "not a JSON object", raw)
-                chunk.append([number, 0, None, None])
+                add((number, 0, None))
                 continue
             mapped = map_call(record, options, len(raw))
             if type(mapped) is Call:
                 if mapped.drops or mapped.rejected_objects:
                     _dead_letter_parts(dead_letter, summary, path, number, mapped, record)
-                chunk.append([number, len(raw), mapped, None])
+                add((number, len(raw), mapped))
                 continue
             if type(mapped) is Skipped:
                 setattr(summary, mapped.counter, getattr(summary, mapped.counter) + 1)
@@ -651,7 +658,8 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
                         "record": record,
                     }  # fmt: skip
                 )
-            chunk.append([number, 0, None, None])
+            add((number, 0, None))
+        summary.lines += len(chunk)
         ledger.decide_chunk(progress, chunk)
         bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = bytes_before
