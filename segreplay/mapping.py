@@ -1,7 +1,7 @@
 """Pure functions: one Segment call -> the Braze objects it stands for, or why not.
 
 No I/O and no state here: deduplication against what was already sent happens later
-(`ledger.py`). The rules are mapping.md's; docs/mapping.md explains each one.
+(`pipeline.Ledger`, `dedupe.py`). The rules are mapping.md's; docs/mapping.md explains each one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ MAX_KEY_CHARS = 255
 MAX_STRING_CHARS = 255
 MAX_NESTED_BYTES = 100_000
 MAX_PURCHASE_QUANTITY = 100
+# Above this a quantity is a data error, not an order: 1e18 would mean 1e16 purchases.
+MAX_ORDER_QUANTITY = 10_000
 ALIAS_LABEL = "segment_anonymous_id"
 GROUP_PREFIX = "ab_segment_group_"
 RESERVED_PROPERTY_KEYS = frozenset({"time", "event_name"})
@@ -358,8 +360,6 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
     has_products = isinstance(products, list) and bool(products)
     if has_products and lowered not in _BROWSING_NAMES:
         _add_purchases(call, properties, products, options)
-        if not call.purchases and not call.rejected_objects:
-            call.drops.append(Drop("products", "no product could be mapped"))
         if not options.purchase_event_too:
             return call
     elif (
@@ -408,7 +408,8 @@ def _add_purchases(call: Call, order: dict, products: list, options: MappingOpti
         if quantity is None:
             call.rejected_objects.append(
                 Rejected(
-                    f"{where}.quantity must be a whole number of at least 1: "
+                    f"{where}.quantity must be a whole number from 1 to "
+                    f"{MAX_ORDER_QUANTITY:,}: "
                     f"{product.get('quantity')!r:.40}"
                 )
             )
@@ -532,7 +533,7 @@ def _number(value) -> int | float | None:
 
 def _quantity(value) -> int | None:
     number = _number(value)
-    if number is None or not float(number).is_integer() or number < 1:
+    if number is None or not float(number).is_integer() or not 1 <= number <= MAX_ORDER_QUANTITY:
         return None
     return int(number)
 

@@ -839,20 +839,26 @@ PURCHASES = [
     pytest.param(
         order([{"sku": "c", "price": 1, "quantity": 0}]),
         DEFAULT,
-        Out(rejected=["products[0].quantity must be a whole number of at least 1: 0"]),
+        Out(rejected=["products[0].quantity must be a whole number from 1 to 10,000: 0"]),
         id="quantity-0",
     ),
     pytest.param(
         order([{"sku": "c", "price": 1, "quantity": -2}]),
         DEFAULT,
-        Out(rejected=["products[0].quantity must be a whole number of at least 1: -2"]),
+        Out(rejected=["products[0].quantity must be a whole number from 1 to 10,000: -2"]),
         id="quantity-negative",
     ),
     pytest.param(
         order([{"sku": "c", "price": 1, "quantity": 2.5}]),
         DEFAULT,
-        Out(rejected=["products[0].quantity must be a whole number of at least 1: 2.5"]),
+        Out(rejected=["products[0].quantity must be a whole number from 1 to 10,000: 2.5"]),
         id="quantity-fraction",
+    ),
+    pytest.param(
+        order([{"sku": "c", "price": 1, "quantity": 1e18}]),
+        DEFAULT,
+        Out(rejected=["products[0].quantity must be a whole number from 1 to 10,000: 1e+18"]),
+        id="quantity-absurd",
     ),
     # the rest of each product, and the order's id
     pytest.param(
