@@ -35,6 +35,9 @@ class Batch:
     purchase_digests: list[int | None] = field(default_factory=list)
     # Settled when Braze acknowledges the request (see pipeline.Ledger).
     effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
+    # Users whose objects here must reach Braze after their earlier ones: the sink keeps
+    # at most one batch in flight for each.
+    ordered_users: set[str] = field(default_factory=set)
     tickets: list = field(default_factory=list)
     size_estimate: int = _ENVELOPE_BYTES
     count: int = 0  # objects in all three arrays
@@ -42,11 +45,6 @@ class Batch:
 
     def __len__(self) -> int:
         return self.count
-
-    @property
-    def users(self):
-        """Every user with an object or a pending decision in this batch."""
-        return self.effects.keys()
 
     def arrays(self) -> dict[str, list[dict]]:
         """The request's arrays, in body order; empty ones are left out."""

@@ -2,7 +2,8 @@
 
 `BrazeSink` takes sealed batches from the pipeline, keeps up to `concurrency` requests in
 flight on worker threads, and hands each outcome back on the pipeline's thread, so state
-is only ever written there. A user's objects are never in two requests in flight at once.
+is only ever written there. A user's attribute updates (and an alias's objects) are never
+in two requests in flight at once, so Braze applies them in the order they were decided.
 """
 
 from __future__ import annotations
@@ -206,13 +207,13 @@ class BrazeSink:
     def submit(self, batch: Batch) -> None:
         while self._in_flight and (
             len(self._in_flight) >= self._options.concurrency
-            or not self._users_in_flight.isdisjoint(batch.users)
+            or not self._users_in_flight.isdisjoint(batch.ordered_users)
         ):
             self._collect(block=True)
         self._raise_if_failed()
         future = self._pool.submit(self._deliver, batch)
         self._in_flight[future] = batch
-        self._users_in_flight.update(batch.users)
+        self._users_in_flight.update(batch.ordered_users)
         self._collect(block=False)
 
     def finish(self) -> None:
@@ -243,7 +244,7 @@ class BrazeSink:
         answers = []
         for future in done:
             batch = self._in_flight.pop(future)
-            self._users_in_flight.difference_update(batch.users)
+            self._users_in_flight.difference_update(batch.ordered_users)
             try:
                 outcome = future.result()
             except BaseException as error:  # noqa: BLE001 - re-raised by _raise_if_failed

@@ -197,8 +197,10 @@ class Ledger:
     Decisions not yet acknowledged live in `_overlay` (the user's attribute view as
     decided) and `_pending_digests`; each batch carries the effects to write when Braze
     acknowledges it. Decisions that send nothing (a repeated value moving its time
-    forward) ride on the user's latest unacknowledged batch, or, when there is none, on
-    the next transaction, which also carries the checkpoints that cover them.
+    forward) ride on the user's latest unacknowledged batch with attribute effects, or,
+    when there is none, on the next transaction, which also carries the checkpoints
+    that cover them. Batches with attribute effects for a user are `ordered` for it: the
+    sink never has two of them in flight, so they are acknowledged in decision order.
     """
 
     def __init__(self, state: State, run_id: int, config: RunConfig, summary: Summary,
@@ -212,7 +214,8 @@ class Ledger:
         self._dead_letter = dead_letter
         self._overlay: dict[str, dict] = {}
         self._pending_digests: set[int] = set()
-        self._user_batch: dict[str, Batch] = {}
+        self._attribute_batch: dict[str, Batch] = {}  # latest unsettled, per user
+        self._unsettled: dict[str, int] = {}  # unsettled batches carrying anything, per user
         self._unbatched_effects: dict[str, dict] = {}
         self._files: list[_FileProgress] = []
         self._lines_since_commit = 0
@@ -299,7 +302,7 @@ class Ledger:
                 self._attach(batch, user, effects, ticket)
                 sent_objects += 1
             elif effects:
-                batch = self._user_batch.get(user)
+                batch = self._attribute_batch.get(user)
                 if batch is None:
                     self._unbatched_effects.setdefault(user, {}).update(effects)
                 else:
@@ -335,19 +338,26 @@ class Ledger:
                 if batch is not attached_to:
                     self._attach(batch, user, None, ticket)
                     attached_to = batch
+                    if call.is_alias:
+                        # Only the alias's attributes object creates its profile: its
+                        # events must not overtake it.
+                        batch.ordered_users.add(user)
                 sent += 1
         if not sent:
             self._summary.duplicates += 1
         return sent
 
     def _attach(self, batch: Batch, user: str, effects: dict | None, ticket: _Ticket) -> None:
-        """Make `batch` carry the user's `effects` and hold `ticket`'s line until acked."""
+        """Make `batch` carry the user's attribute `effects` (None for events only) and
+        hold `ticket`'s line until the batch is acknowledged."""
         user_effects = batch.effects.get(user)
         if user_effects is None:
-            user_effects = batch.effects[user] = {}
-        if effects:
+            user_effects = batch.effects[user] = {}  # even empty: the user becomes known
+            self._unsettled[user] = self._unsettled.get(user, 0) + 1
+        if effects is not None:
             user_effects.update(effects)
-        self._user_batch[user] = batch
+            self._attribute_batch[user] = batch
+            batch.ordered_users.add(user)
         if not batch.tickets or batch.tickets[-1] is not ticket:
             batch.tickets.append(ticket)
             ticket.waiting += 1
@@ -375,9 +385,14 @@ class Ledger:
         for batch, _refusals in answers:
             self._pending_digests.difference_update(batch.event_digests)
             self._pending_digests.difference_update(batch.purchase_digests)
-            for user in batch.users:
-                if self._user_batch.get(user) is batch:
-                    del self._user_batch[user]
+            for user in batch.effects:
+                if self._attribute_batch.get(user) is batch:
+                    del self._attribute_batch[user]
+                left = self._unsettled[user] - 1
+                if left:
+                    self._unsettled[user] = left
+                else:
+                    del self._unsettled[user]
                     self._overlay.pop(user, None)
 
     def _settle_one(
@@ -457,7 +472,7 @@ class Ledger:
         if merged or digests or checkpoints:
             self._state.commit(self._run_id, merged, digests or (), checkpoints)
         for user in merged:
-            if user not in self._user_batch:
+            if user not in self._unsettled:
                 self._overlay.pop(user, None)
         self._lines_since_commit = 0
 

@@ -225,10 +225,14 @@ def _assert_delivered(replay: Replay, log: Path, archive: Archive) -> int:
     # Each kill resends only what its in-flight requests carried: at most CONCURRENCY
     # requests of the killed run hold a first copy of a duplicate.
     twice = {key for key, count in stored.items() if archive.stored[key] == 1 and count > 1}
+    first_copy: dict = {}
+    for request, key in accepted:
+        if key in twice:
+            first_copy.setdefault(key, request)
     for first, last in replay.killed:
-        holding = {
-            request for request, key in accepted if key in twice and first <= request <= last
-        }
+        # A later kill's range also holds the second copies of an earlier kill's
+        # duplicates: only where a first copy went counts against this kill.
+        holding = {request for request in first_copy.values() if first <= request <= last}
         assert len(holding) <= CONCURRENCY, (first, last, sorted(holding))
     if not replay.killed:
         assert duplicates == 0
