@@ -94,6 +94,9 @@ class State:
                 # NORMAL in WAL: a commit survives the process being killed; only a power
                 # loss can take back the last commits (their requests would be resent).
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                # A checkpoint syncs the file: every 40 MB of WAL, not every 4 MB, halves
+                # what a live run's commit (one per acknowledgement) costs.
+                self._db.execute("PRAGMA wal_autocheckpoint=10000")
             else:
                 self._db.execute("PRAGMA journal_mode=MEMORY")
                 self._db.execute("PRAGMA synchronous=OFF")
