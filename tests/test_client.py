@@ -607,3 +607,59 @@ def test_429_waits_as_told_then_resends():
     assert elapsed >= MARGIN
     assert (summary.rate_limited, summary.retries) == (1, 0)
     assert settled == [(batch, [])]
+
+
+def test_attribute_updates_of_one_user_are_never_in_flight_twice_but_events_are(tmp_path):
+    """Braze applies a user's attribute updates in the order decided; events carry their
+    own time and go in parallel (an alias's wait behind the object creating its profile)."""
+    from conftest import identify, track, write_archive
+
+    from segreplay.client import braze_sink
+    from segreplay.config import MappingOptions, RunConfig
+    from segreplay.pipeline import SilentReporter, run_import
+
+    in_flight: list[dict] = []
+    overlaps: list[str] = []
+    event_overlap = threading.Event()
+    lock = threading.Lock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        updates = {
+            obj.get("external_id") or obj["user_alias"]["alias_name"]
+            for obj in body.get("attributes", [])
+        }
+        events = {obj.get("external_id") for obj in body.get("events", [])}
+        with lock:
+            for other in in_flight:
+                overlaps.extend(sorted(updates & other["updates"]))
+                if events & other["events"]:
+                    event_overlap.set()
+            entry = {"updates": updates, "events": events}
+            in_flight.append(entry)
+        time.sleep(0.02)
+        with lock:
+            in_flight.remove(entry)
+        return httpx.Response(201, json={"message": "success"})
+
+    lines = []
+    for n in range(600):
+        user, time_ = f"u{n % 3}", f"2024-03-05T10:{n // 60:02d}:{n % 60:02d}.000Z"
+        if n % 200 < 3:  # now and then an update for each user, between runs of events
+            lines.append(identify(user, time_, n=n))
+        lines.append(track("Played", user, time_))
+    path = write_archive(tmp_path / "a.gz", lines)
+    config = RunConfig(
+        sources=(str(path),),
+        state_path=str(tmp_path / "state.sqlite"),
+        dead_letter_path=str(tmp_path / "dead.jsonl"),
+        batch_limit="per-type",
+        mapping=MappingOptions(),
+        delivery=_options(concurrency=4),
+    )
+    summary = run_import(
+        config, SilentReporter(), braze_sink(config.delivery, httpx.MockTransport(handler))
+    )
+    assert summary.events_sent == 600
+    assert overlaps == []
+    assert event_overlap.is_set(), "events of one user never travelled in parallel"
