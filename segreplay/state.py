@@ -40,7 +40,7 @@ _MIGRATIONS: dict[int, str] = {
             id INTEGER PRIMARY KEY,
             started_at TEXT NOT NULL,
             finished_at TEXT,
-            status TEXT NOT NULL,        -- running, finished, failed, interrupted
+            status TEXT NOT NULL,        -- running, finished, failed, interrupted (killed)
             summary BLOB
         );
     """,
@@ -206,6 +206,9 @@ class State:
     # writes ----------------------------------------------------------------------------
 
     def start_run(self, started_at: str) -> int:
+        """Record a new run. Runs still marked running were killed (the caller holds the
+        lock, so none is alive): they become `interrupted`."""
+        self._db.execute("UPDATE runs SET status='interrupted' WHERE status='running'")
         cursor = self._db.execute(
             "INSERT INTO runs (started_at, status) VALUES (?, 'running')", (started_at,)
         )

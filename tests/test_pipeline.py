@@ -312,3 +312,14 @@ def test_state_file_is_private_and_versioned(tmp_path, archive):
     state = State(str(path))
     assert state.schema_version == 1 and state.counts()["delivered_messages"] == 1
     state.close()
+
+
+def test_a_run_that_was_killed_is_marked_interrupted_by_the_next(tmp_path, archive):
+    path = archive([track("A", "u1", T1)])
+    state = State(str(tmp_path / "state.sqlite"))
+    state.start_run("2024-01-01T00:00:00.000Z")  # as a kill -9 leaves it: never finished
+    state.close()
+    replay(tmp_path, [path])
+    state = State(str(tmp_path / "state.sqlite"))
+    assert [(run.id, run.status) for run in state.runs()] == [(2, "finished"), (1, "interrupted")]
+    state.close()
