@@ -186,8 +186,9 @@ class _FileProgress:
         if (lines_acked, done) == self.written or self.archive.size is None:
             return None  # unchanged, or standard input (nothing to resume from)
         self.written = (lines_acked, done)
+        archive = self.archive
         return FileCheckpoint(
-            self.archive.path, self.archive.size, self.fingerprint, lines_acked, done
+            archive.path, archive.size, self.fingerprint, lines_acked, done, archive.mtime_ns
         )
 
 
@@ -618,9 +619,16 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
         )
 
     for archive in archives:
-        fingerprint = _fingerprint(archive)
         skip = 0
         checkpoint = state.checkpoint(archive.path) if archive.size is not None else None
+        if (
+            checkpoint is not None
+            and checkpoint.size == archive.size
+            and checkpoint.mtime_ns == archive.mtime_ns
+        ):
+            fingerprint = checkpoint.fingerprint  # untouched since: no need to read it
+        else:
+            fingerprint = _fingerprint(archive)
         if (
             checkpoint is not None
             and checkpoint.size == archive.size

@@ -42,6 +42,7 @@ _SNIFF_BYTES = 512
 class ArchiveFile:
     path: str  # as found; "-" is standard input
     size: int | None  # None for standard input
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,8 @@ def discover(sources: Iterable[str]) -> list[ArchiveFile]:
     def add(path: str) -> None:
         if path not in seen:
             seen.add(path)
-            found.append(ArchiveFile(path, os.path.getsize(path)))
+            stat = os.stat(path)
+            found.append(ArchiveFile(path, stat.st_size, stat.st_mtime_ns))
 
     for source in sources:
         if source == STDIN:

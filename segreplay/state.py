@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _USER_CACHE_SIZE = 20_000  # committed attribute rows kept in memory; bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
@@ -44,6 +44,9 @@ _MIGRATIONS: dict[int, str] = {
             summary BLOB
         );
     """,
+    # A file whose size and modification time are unchanged is not read again just to
+    # fingerprint it: a cron run over years of files stays cheap.
+    2: "ALTER TABLE files ADD COLUMN mtime_ns INTEGER",
 }
 
 
@@ -65,6 +68,7 @@ class FileCheckpoint:
     fingerprint: str
     lines_acked: int
     done: bool
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,15 +175,16 @@ class State:
 
     def checkpoint(self, path: str) -> FileCheckpoint | None:
         row = self._db.execute(
-            "SELECT path, size, fingerprint, lines_acked, done FROM files WHERE path=?", (path,)
+            "SELECT path, size, fingerprint, lines_acked, done, mtime_ns FROM files WHERE path=?",
+            (path,),
         ).fetchone()
-        return FileCheckpoint(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+        return FileCheckpoint(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
 
     def checkpoints(self) -> list[FileCheckpoint]:
         rows = self._db.execute(
-            "SELECT path, size, fingerprint, lines_acked, done FROM files ORDER BY path"
+            "SELECT path, size, fingerprint, lines_acked, done, mtime_ns FROM files ORDER BY path"
         )
-        return [FileCheckpoint(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [FileCheckpoint(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
     def runs(self, limit: int = 10) -> list[RunRecord]:
         rows = self._db.execute(
@@ -252,12 +257,13 @@ class State:
                 "INSERT OR IGNORE INTO delivered (hash) VALUES (?)", ((d,) for d in digests)
             )
             db.executemany(
-                "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+                "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
                 "size=excluded.size, fingerprint=excluded.fingerprint, "
-                "lines_acked=excluded.lines_acked, done=excluded.done, run_id=excluded.run_id",
+                "lines_acked=excluded.lines_acked, done=excluded.done, run_id=excluded.run_id, "
+                "mtime_ns=excluded.mtime_ns",
                 (
-                    (c.path, c.size, c.fingerprint, c.lines_acked, int(c.done), run_id)
+                    (c.path, c.size, c.fingerprint, c.lines_acked, int(c.done), run_id, c.mtime_ns)
                     for c in checkpoints
                 ),
             )

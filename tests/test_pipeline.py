@@ -310,7 +310,7 @@ def test_state_file_is_private_and_versioned(tmp_path, archive):
     path = tmp_path / "state.sqlite"
     assert os.stat(path).st_mode & 0o777 == 0o600
     state = State(str(path))
-    assert state.schema_version == 1 and state.counts()["delivered_messages"] == 1
+    assert state.schema_version == 2 and state.counts()["delivered_messages"] == 1
     state.close()
 
 
@@ -323,3 +323,49 @@ def test_a_run_that_was_killed_is_marked_interrupted_by_the_next(tmp_path, archi
     state = State(str(tmp_path / "state.sqlite"))
     assert [(run.id, run.status) for run in state.runs()] == [(2, "finished"), (1, "interrupted")]
     state.close()
+
+
+def test_a_version_1_state_is_migrated_and_keeps_its_checkpoints(tmp_path, archive):
+    import sqlite3
+
+    from segreplay.state import _MIGRATIONS
+
+    path = archive([track("A", "u1", T1)])
+    replay(tmp_path, [path])
+    db_path = tmp_path / "state.sqlite"
+    old = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(old)
+    for statement in _MIGRATIONS[1].split(";"):
+        db.execute(statement)
+    db.execute("PRAGMA user_version=1")
+    source = sqlite3.connect(db_path)
+    row = source.execute(
+        "SELECT path, size, fingerprint, lines_acked, done, run_id FROM files"
+    ).fetchone()
+    db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", row)
+    db.executemany("INSERT INTO delivered VALUES (?)", source.execute("SELECT hash FROM delivered"))
+    db.commit()
+    db.close()
+    source.close()
+    db_path.unlink()
+    old.rename(db_path)
+    summary, bodies = replay(tmp_path, [path])
+    assert bodies == [] and summary.files_already_done == 1
+    state = State(str(db_path))
+    assert state.schema_version == 2
+    state.close()
+
+
+def test_an_untouched_file_is_not_read_again_to_fingerprint_it(tmp_path, archive, monkeypatch):
+    from segreplay import pipeline
+
+    path = archive([track("A", "u1", T1)])
+    replay(tmp_path, [path])
+    reads = []
+    real = pipeline._fingerprint
+    monkeypatch.setattr(pipeline, "_fingerprint", lambda a: reads.append(a.path) or real(a))
+    summary, _ = replay(tmp_path, [path])
+    assert reads == [] and summary.files_already_done == 1
+    os.utime(path, ns=(1, 1))  # touched: size alone is not trusted, the content is checked
+    summary, _ = replay(tmp_path, [path])
+    assert reads == [str(path)] and summary.files_already_done == 1

@@ -50,7 +50,8 @@ def tree(tmp_path: Path) -> Path:
 
 def test_discover_a_file(tree: Path) -> None:
     path = tree / "src-a" / "0.gz"
-    assert discover([str(path)]) == [ArchiveFile(str(path), path.stat().st_size)]
+    stat = path.stat()
+    assert discover([str(path)]) == [ArchiveFile(str(path), stat.st_size, stat.st_mtime_ns)]
 
 
 def test_discover_a_directory_recursively_in_sorted_path_order(tree: Path) -> None:
