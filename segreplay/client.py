@@ -214,7 +214,9 @@ class BrazeSink:
         future = self._pool.submit(self._deliver, batch)
         self._in_flight[future] = batch
         self._users_in_flight.update(batch.ordered_users)
-        self._collect(block=False)
+        # Answers are settled when a slot is needed, not as each arrives: several then
+        # share one state transaction. An answered request keeps its slot until then, so
+        # what a crash can resend is still at most `concurrency` requests.
 
     def finish(self) -> None:
         try:
