@@ -1,0 +1,47 @@
+"""A local stand-in for Braze's REST API: a real HTTP/1.1 server on 127.0.0.1 that enforces
+Braze's contract (limits, errors, headers), injects faults on demand and records what it
+accepted, for tests, rehearsals (`segreplay fake-braze`) and benchmarks.
+
+Endpoints (all POST, `Authorization: Bearer <key>`, JSON body with Content-Length):
+  /users/track     attributes/events/purchases, 75-object limit, 4 MB body limit
+  /users/delete    {"external_ids", "user_aliases", "braze_ids"}, at most 50 ids
+  /users/identify  {"aliases_to_identify": [...], "merge_behavior": "none"|"merge"}, at most 50
+  /users/merge     {"merge_updates": [...]}, at most 50, answers 202
+Their answers carry X-RateLimit-Limit/-Remaining/-Reset; /users/track allows a fixed window
+of `rate_limit` requests per `rate_window_s` seconds and answers 429 beyond it.
+
+Admin endpoints, no key needed (GET unless noted), for tests and scripts in other processes:
+  /_fake/stats               counters only (cheap): requests, connections, by_status,
+                             by_path, accepted per kind, rejected_objects, rate_limited,
+                             injected faults by name, bytes_received
+  /_fake/profiles            {"profiles": [...], "not_applied": n, "ignored_attributes": [...]}
+  /_fake/accepted[?kind=K]   {"accepted": [{"request", "kind", "object"}, ...]}
+  /_fake/requests            {"requests": [{"request", "method", "path", "arrived_at", "status"}]}
+  /_fake/rate-limit-resets   {"resets": [{"request", "sent_at", "reset_at"}, ...]}
+  POST /_fake/reset          forget everything recorded (configuration and log file stay)
+
+A profile is {"braze_id", "external_id", "user_aliases", "attributes", "events",
+"purchases"}: attributes applied in request order (null unsets), events and purchases kept
+as the objects sent, so a resent event shows up twice. `not_applied` counts accepted objects
+that changed nothing (an alias's default `_update_existing_only` for an unknown user).
+
+Kinds of accepted objects: attribute, event, purchase (each valid /users/track object),
+delete (each identifier of a delete request), identify (each valid alias item), merge (each
+merge update). With `log_path`, each is also appended to that file as one JSON line,
+`{"request": <request sequence number>, "kind": "<kind>", "object": {...}}`, flushed after
+every request so another process can follow it.
+
+Times (`arrived_at`, `sent_at`, `reset_at`) are UTC epoch seconds. The API key is never
+echoed, logged or printed.
+"""
+
+from segreplay.fake.config import FakeBrazeConfig, RateLimitReset, RequestRecord
+from segreplay.fake.server import FakeBraze, serve
+
+__all__ = [
+    "FakeBraze",
+    "FakeBrazeConfig",
+    "RateLimitReset",
+    "RequestRecord",
+    "serve",
+]
