@@ -378,43 +378,17 @@ def status_command(state_path: str, as_json: bool) -> None:
     except SegreplayError as error:
         _fail(error)
     try:
-        report = {
-            "state": state_path,
-            "schema_version": state.schema_version,
-            **state.counts(),
-            "files_in_progress": [
-                {"path": c.path, "lines_acked": c.lines_acked}
-                for c in state.checkpoints()
-                if not c.done
-            ],
-            "runs": [
-                {"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
-                 "status": r.status, "summary": r.summary}
-                for r in state.runs(10)
-            ],
-        }  # fmt: skip
+        report = state.report()
     finally:
         state.close()
     if as_json:
         from segreplay.jsonutil import dumps
 
         click.echo(dumps(report).decode())
-        return
-    click.echo(f"state {state_path} (schema {report['schema_version']})")
-    click.echo(
-        f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
-        f"{report['files_done']:,} of {report['files']:,} files done"
-    )
-    for item in report["files_in_progress"]:
-        click.echo(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)")
-    for run in report["runs"]:
-        summary = run["summary"] or {}
-        click.echo(
-            f"run {run['id']}: {run['status']}, started {run['started_at']}"
-            f" - {summary.get('lines', 0):,} lines, {summary.get('requests', 0):,} requests,"
-            f" {summary.get('events_sent', 0):,} events, "
-            f"{summary.get('attributes_sent', 0):,} attributes"
-        )
+    else:
+        from segreplay.progress import print_status
+
+        print_status(report)
 
 
 @cli.command("reset")

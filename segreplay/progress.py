@@ -223,3 +223,23 @@ def print_survey(survey, out: TextIO | None = None) -> None:
         for row in rows:
             table.add_row(*(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row))
         console.print(table)
+
+
+def print_status(report: dict, out: TextIO | None = None) -> None:
+    """`segreplay status`, as plain lines (they end up in cron mails and logs)."""
+    out = out or sys.stdout
+    out.write(f"state {report['state']} (schema {report['schema_version']})\n")
+    out.write(
+        f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
+        f"{report['files_done']:,} of {report['files']:,} files done\n"
+    )
+    for item in report["files_in_progress"]:
+        out.write(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)\n")
+    for run in report["runs"]:
+        summary = run["summary"] or {}
+        out.write(
+            f"run {run['id']}: {run['status']}, started {run['started_at']}"
+            f" - {summary.get('lines', 0):,} lines, {summary.get('requests', 0):,} requests,"
+            f" {summary.get('events_sent', 0):,} events, "
+            f"{summary.get('attributes_sent', 0):,} attributes\n"
+        )

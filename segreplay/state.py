@@ -203,6 +203,24 @@ class State:
             "files_done": one("SELECT count(*) FROM files WHERE done").fetchone()[0],
         }
 
+    def report(self, runs: int = 10) -> dict:
+        """What `segreplay status` shows: counts, partly done files, the last runs."""
+        return {
+            "state": self.path,
+            "schema_version": self.schema_version,
+            **self.counts(),
+            "files_in_progress": [
+                {"path": c.path, "lines_acked": c.lines_acked}
+                for c in self.checkpoints()
+                if not c.done
+            ],
+            "runs": [
+                {"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
+                 "status": r.status, "summary": r.summary}
+                for r in self.runs(runs)
+            ],
+        }  # fmt: skip
+
     def users_in_run(self, run_id: int) -> int:
         return self._db.execute("SELECT count(*) FROM users WHERE run_id=?", (run_id,)).fetchone()[
             0
