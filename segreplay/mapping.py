@@ -126,7 +126,9 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
     too short to hold one over Braze's size limit."""
     kind = record.get("type")
     if not isinstance(kind, str) or not kind:
-        return Rejected("missing type")
+        if kind is None or kind == "":
+            return Rejected("missing type")
+        return Rejected(f"type must be a string, not {_json_type(kind)}")
     if kind == "alias":
         return Skipped("skipped_alias")
     mapper = _MAPPERS.get(kind)
@@ -352,7 +354,7 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
     elif not isinstance(properties, dict):
         return Rejected(f"properties must be an object, not {_json_type(properties)}")
 
-    lowered = name.lower()
+    lowered = name.strip().lower()  # rules match "Order Completed " as "Order Completed"
     products = properties.get("products")
     is_order = lowered in _PURCHASE_NAMES
     if is_order and products is not None and not isinstance(products, list):
@@ -364,8 +366,11 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
             return call
     elif (
         options.log_purchase_when_revenue_present
-        and not has_products  # a browsing event with products (Checkout Started) is no sale
-        and _number(properties.get("revenue"))
+        and not has_products
+        # Ecommerce browsing and lifecycle events (Checkout Started, Order Refunded) are no
+        # sale, whatever revenue they carry: a refund logged as a purchase adds revenue.
+        and lowered not in _BROWSING_NAMES
+        and _number(properties.get("revenue")) is not None
     ):
         _add_revenue_purchase(call, name, properties, options)
         if not options.purchase_event_too:

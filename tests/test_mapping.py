@@ -982,6 +982,24 @@ PURCHASES = [
         ),
         id="browsing-event-with-products-and-revenue-stays-an-event",
     ),
+    pytest.param(
+        track("Order Refunded", {"revenue": 50}),
+        MappingOptions(log_purchase_when_revenue_present=True),
+        Out(events=[ev("Order Refunded", {"revenue": 50})]),
+        id="a-refund-with-revenue-is-no-purchase",
+    ),
+    pytest.param(
+        track("Free Trial Claimed", {"revenue": 0}),
+        MappingOptions(log_purchase_when_revenue_present=True),
+        Out(purchases=[pur("Free Trial Claimed", 0)]),
+        id="a-revenue-of-0-is-numeric",
+    ),
+    pytest.param(
+        track("Order Completed ", {"products": [{"sku": "c", "price": 1}]}),
+        DEFAULT,
+        Out(purchases=[pur("c", 1)]),
+        id="event-name-matched-without-surrounding-spaces",
+    ),
 ]
 
 
@@ -1162,7 +1180,11 @@ TYPES = [
     pytest.param(line("identify", type=GONE), Rejected("missing type"), id="missing"),
     pytest.param(line("identify", type=""), Rejected("missing type"), id="empty"),
     pytest.param(line("identify", type=None), Rejected("missing type"), id="null"),
-    pytest.param(line("identify", type=["identify"]), Rejected("missing type"), id="list"),
+    pytest.param(
+        line("identify", type=["identify"]),
+        Rejected("type must be a string, not a list"),
+        id="list",
+    ),
 ]
 
 
