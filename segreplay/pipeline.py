@@ -405,24 +405,25 @@ class Ledger:
             self._report_changes(batch, refused)
         for user, obj in batch.attributes.items():
             if ("attributes", user) not in refused:
-                summary.attributes_sent += sum(1 for key in obj if key not in _IDENTIFIER_KEYS)
+                summary.attributes_sent += len(obj) - len(_IDENTIFIER_KEYS.intersection(obj))
         for user, user_effects in batch.effects.items():
             if ("attributes", user) not in refused:
                 effects.setdefault(user, {}).update(user_effects)
+        # Whole arrays at once: refusals are rare, a per-object loop is not.
         for array, digest_list in (
             ("events", batch.event_digests),
             ("purchases", batch.purchase_digests),
         ):
-            accepted = 0
-            for index, digest in enumerate(digest_list):
-                if (array, index) not in refused:
-                    accepted += 1
-                    if digest is not None:
-                        digests.append(digest)
-            if array == "events":
-                summary.events_sent += accepted
+            refused_here = {index for name, index in refused if name == array}
+            if refused_here:
+                kept = [d for i, d in enumerate(digest_list) if i not in refused_here]
             else:
-                summary.purchases_sent += accepted
+                kept = digest_list
+            digests += [digest for digest in kept if digest is not None]
+            if array == "events":
+                summary.events_sent += len(kept)
+            else:
+                summary.purchases_sent += len(kept)
         for ticket in batch.tickets:
             ticket.waiting -= 1
 
@@ -465,9 +466,12 @@ class Ledger:
         """One transaction: a batch's effects, decisions waiting for one, checkpoints."""
         merged = self._unbatched_effects
         self._unbatched_effects = {}
-        for user, user_effects in (effects or {}).items():
-            # Unbatched decisions for a user are always older than its batched ones.
-            merged.setdefault(user, {}).update(user_effects)
+        if not merged:
+            merged = effects or {}
+        else:
+            for user, user_effects in (effects or {}).items():
+                # Unbatched decisions for a user are always older than its batched ones.
+                merged.setdefault(user, {}).update(user_effects)
         checkpoints = [c for c in (p.checkpoint() for p in self._files) if c is not None]
         self._files = [p for p in self._files if not (p.read_all and not p.open_tickets)]
         if merged or digests or checkpoints:

@@ -256,10 +256,16 @@ class State:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            cache = self._users
+            self._load([user for user in attributes if user not in cache])
             rows = []
             for user, effects in attributes.items():
-                known = self.user_attributes(user)
-                if not effects and known is not None and self._users[user][1] == run_id:
+                cached = cache.get(user)
+                if cached is None:  # evicted by the load above: a commit bigger than the cache
+                    self.user_attributes(user)
+                    cached = cache[user]
+                known, last_run = cached
+                if not effects and known is not None and last_run == run_id:
                     continue  # already known and counted in this run: nothing to write
                 merged = {} if known is None else dict(known)
                 merged.update(effects)
