@@ -95,7 +95,9 @@ def _accept_all_state(folder: Path, state: Path) -> None:
     import sqlite3
 
     from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
-    from segreplay.pipeline import DrySink, SilentReporter, run_import
+    from segreplay.ledger import DrySink
+    from segreplay.pipeline import run_import
+    from segreplay.reporting import SilentReporter
 
     config = RunConfig(
         sources=(str(folder),),

@@ -263,8 +263,8 @@ def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
     Example:
       segreplay inspect segment-logs/ --json | jq .data_points_with_dedupe
     """
-    from segreplay.pipeline import SilentReporter
     from segreplay.progress import print_survey
+    from segreplay.reporting import SilentReporter
     from segreplay.survey import survey
 
     try:

@@ -23,7 +23,8 @@ from segreplay.batching import ARRAYS, Batch
 from segreplay.config import DeliveryOptions
 from segreplay.errors import AuthError, DeliveryError
 from segreplay.jsonutil import JSONDecodeError, dumps, loads
-from segreplay.pipeline import Refusal, Settle, Summary
+from segreplay.ledger import Refusal, Settle
+from segreplay.reporting import Summary
 
 TRACK_PATH = "/users/track"
 _BACKOFF_BASE_S = 0.5

@@ -11,7 +11,7 @@ import time
 from typing import TextIO
 
 from segreplay.jsonutil import dumps
-from segreplay.pipeline import Change, Summary
+from segreplay.reporting import Change, Summary
 
 MAX_PROBLEM_MESSAGES = 20
 PLAIN_PROGRESS_EVERY_S = 30.0

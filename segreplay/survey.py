@@ -13,7 +13,8 @@ from segreplay.config import RunConfig
 from segreplay.dedupe import message_digest
 from segreplay.jsonutil import JSONDecodeError, dumps_canonical, loads
 from segreplay.mapping import UNMAPPED_ADDRESS_KEYS, Call, Rejected, Skipped, map_call
-from segreplay.pipeline import Reporter, run_import
+from segreplay.pipeline import run_import
+from segreplay.reporting import Reporter
 from segreplay.source import LineReader, ReadProblem, discover
 
 _IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "_update_existing_only"})

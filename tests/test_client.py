@@ -16,7 +16,8 @@ from segreplay.client import _RESET_MARGIN_S as MARGIN  # waits end just after t
 from segreplay.client import BrazeSink, RequestBudget, Verdict, classify, rate_limit_wait
 from segreplay.config import DeliveryOptions
 from segreplay.errors import AuthError, DeliveryError
-from segreplay.pipeline import Refusal, Summary
+from segreplay.ledger import Refusal
+from segreplay.reporting import Summary
 
 KEY = "sk-unit-7c1e0b"
 NOW = 1_709_650_000.0  # an epoch in March 2024
@@ -616,7 +617,8 @@ def test_attribute_updates_of_one_user_are_never_in_flight_twice_but_events_are(
 
     from segreplay.client import braze_sink
     from segreplay.config import MappingOptions, RunConfig
-    from segreplay.pipeline import SilentReporter, run_import
+    from segreplay.pipeline import run_import
+    from segreplay.reporting import SilentReporter
 
     in_flight: list[dict] = []
     overlaps: list[str] = []

@@ -18,7 +18,8 @@ from segreplay.client import braze_sink
 from segreplay.config import MAX_OBJECTS_PER_REQUEST, DeliveryOptions, MappingOptions, RunConfig
 from segreplay.errors import AuthError
 from segreplay.fake import FakeBraze
-from segreplay.pipeline import SilentReporter, run_import
+from segreplay.pipeline import run_import
+from segreplay.reporting import SilentReporter
 from segreplay.state import State
 
 ROOT = Path(__file__).resolve().parent.parent

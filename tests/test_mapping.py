@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from segreplay import mapping
 from segreplay.config import MappingOptions
 from segreplay.mapping import Call, Rejected, Skipped, map_call
-from segreplay.pipeline import Summary
+from segreplay.reporting import Summary
 from segreplay.times import parse_time
 
 T = "2024-03-05T14:03:22.083Z"

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.errors import DeliveryError
-from segreplay.pipeline import Change, DrySink, SilentReporter, run_import
+from segreplay.ledger import DrySink
+from segreplay.pipeline import run_import
+from segreplay.reporting import Change, SilentReporter
 from segreplay.state import State
 
 T1, T2, T3 = "2024-03-01T00:00:00.000Z", "2024-03-02T00:00:00.000Z", "2024-03-03T00:00:00.000Z"

@@ -1,0 +1,111 @@
+"""What a run reports: the summary counts, the dry-run diff, the Reporter a person sees
+them through (the CLI's lives in progress.py), and the dead-letter file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from segreplay.jsonutil import dumps
+
+
+@dataclass
+class Summary:
+    """The run's counts; `to_dict` gives the --json object (cli.md names the keys)."""
+
+    lines: int = 0
+    skipped_anonymous: int = 0
+    skipped_alias: int = 0
+    skipped_pages: int = 0
+    skipped_screens: int = 0
+    outside_window: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    rejected: int = 0
+    fields_dropped: int = 0
+    users: int = 0
+    requests: int = 0
+    attributes_sent: int = 0
+    attributes_unchanged: int = 0
+    attributes_outdated: int = 0
+    events_sent: int = 0
+    purchases_sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    files: int = 0
+    files_skipped: int = 0
+    files_truncated: int = 0
+    files_already_done: int = 0
+    lines_already_done: int = 0
+    bytes_read: int = 0
+    elapsed_s: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def data_points(self) -> int:
+        return self.attributes_sent + self.events_sent + self.purchases_sent
+
+    @property
+    def had_problems(self) -> bool:
+        return bool(self.invalid or self.rejected or self.files_skipped or self.files_truncated)
+
+    def to_dict(self) -> dict:
+        summary = asdict(self)
+        summary["elapsed_s"] = round(self.elapsed_s, 3)
+        summary["data_points"] = self.data_points
+        return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One line of a dry-run diff: `old` is None for a value never sent."""
+
+    user: str
+    what: str  # "attribute", "event", "purchase"
+    key: str
+    old: object = None
+    new: object = None
+    known: bool = False  # whether an old value exists (None can be a value)
+
+
+class Reporter(Protocol):
+    """How the pipeline talks to a person. The CLI supplies one; tests may use Silent."""
+
+    def problem(self, record: dict) -> None: ...
+    def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None: ...
+    def changes(self, changes: list[Change]) -> None: ...
+
+
+class SilentReporter:
+    def problem(self, record: dict) -> None:
+        pass
+
+    def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
+        pass
+
+    def changes(self, changes: list[Change]) -> None:
+        pass
+
+
+class DeadLetter:
+    """Rejected lines and dropped fields, as JSON lines; the file is made on first use."""
+
+    def __init__(self, path: str | None, reporter: Reporter) -> None:
+        self.path = path
+        self.count = 0
+        self._reporter = reporter
+        self._file = None
+
+    def write(self, record: dict) -> None:
+        self.count += 1
+        self._reporter.problem(record)
+        if self.path is None:
+            return
+        if self._file is None:
+            self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        self._file.write(dumps(record) + b"\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
