@@ -33,7 +33,7 @@ class Batch:
     purchases: list[dict] = field(default_factory=list)
     purchase_origins: list[Origin] = field(default_factory=list)
     purchase_digests: list[int | None] = field(default_factory=list)
-    # Settled when Braze acknowledges the request (see pipeline.Ledger).
+    # Settled when Braze acknowledges the request (see ledger.Ledger).
     effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
     # Users whose objects here must reach Braze after their earlier ones: the sink keeps
     # at most one batch in flight for each.

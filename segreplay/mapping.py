@@ -1,7 +1,7 @@
 """Pure functions: one Segment call -> the Braze objects it stands for, or why not.
 
 No I/O and no state here: deduplication against what was already sent happens later
-(`pipeline.Ledger`, `dedupe.py`). The rules are mapping.md's; docs/mapping.md explains each one.
+(`ledger.py`, `dedupe.py`). The rules are mapping.md's; docs/mapping.md explains each one.
 """
 
 from __future__ import annotations
