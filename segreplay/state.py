@@ -17,7 +17,7 @@ from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
 
 SCHEMA_VERSION = 2
-_USER_CACHE_SIZE = 20_000  # committed attribute rows kept in memory; bounded, not per user
+_USER_CACHE_SIZE = 10_000  # committed attribute rows kept in memory: bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
 _MIGRATIONS: dict[int, str] = {
@@ -104,7 +104,7 @@ class State:
             else:
                 self._db.execute("PRAGMA journal_mode=MEMORY")
                 self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute("PRAGMA cache_size=-32000")
+            self._db.execute("PRAGMA cache_size=-16000")
             self._migrate()
         except sqlite3.DatabaseError as error:
             raise StateError(
