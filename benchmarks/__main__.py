@@ -78,6 +78,30 @@ def run_measured(args: list[str], env: dict | None = None) -> tuple[dict, float,
     return orjson.loads(stdout), elapsed, usage.ru_maxrss * 1024
 
 
+def delivery_alone(bodies_path: Path, requests: int = 3000) -> float:
+    """The client's own capacity: sealed bodies straight into the sink, at --rate 3000/3,
+    with the fake in its own process. Tells whether delivery or the pipeline limits (e)."""
+    from segreplay.batching import Batch
+    from segreplay.client import BrazeSink
+    from segreplay.config import DeliveryOptions
+    from segreplay.reporting import Summary
+
+    bodies = bodies_path.read_bytes().splitlines()[:requests]
+    fake, url = start_fake()
+    try:
+        options = DeliveryOptions(url, _API_KEY, rate_requests=3000, rate_seconds=3.0)
+        sink = BrazeSink(options, lambda answers: None, Summary())
+        started = time.perf_counter()
+        for seq, body in enumerate(bodies):
+            batch = Batch(seq, body=body, count=1)
+            sink.submit(batch)
+        sink.finish()
+        return len(bodies) / (time.perf_counter() - started)
+    finally:
+        fake.terminate()
+        fake.wait()
+
+
 def start_fake() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [str(BIN / "segreplay"), "fake-braze", "--port", "0", "--api-key", _API_KEY,
@@ -195,8 +219,9 @@ def main() -> None:
     try:
         common = [str(folder), "--dead-letter", str(work / "dead.jsonl"), "--anonymous", "alias"]
         summary, dry_s, dry_rss = run_measured(
-            ["import", *common, "--dry-run", "--state", str(work / "dry.sqlite")]
-        )
+            ["import", *common, "--dry-run", "--state", str(work / "dry.sqlite"),
+             "--output", str(work / "requests.jsonl")]
+        )  # fmt: skip
         dry_rate = summary["lines"] / dry_s
         print(f"(b) dry run (whole process)               {dry_rate:>12,.0f} lines/s")
         print(
@@ -227,6 +252,10 @@ def main() -> None:
             )
             print(
                 f"    peak RSS {live_rss / 2**20:,.0f} MB, retries {live['retries']}, rate-limit waits {live['rate_limited']}"
+            )
+            delivery_rate = delivery_alone(work / "requests.jsonl")
+            print(
+                f"(g2) delivery alone: the dry run's bodies  {delivery_rate:>11,.0f} requests/s  (client and fake, no pipeline)"
             )
             if live["requests"] != summary["requests"]:
                 print(
