@@ -360,13 +360,7 @@ class Ledger:
                 self._summary.rejected += 1
                 path, line = batch.origin(array, index) or ("?", 0)
                 self._dead_letter.write(
-                    {
-                        "source": path,
-                        "line": line,
-                        "kind": "refused by Braze",
-                        "reason": refusal.reason,
-                        "record": objects[index],
-                    }  # fmt: skip
+                    path, line, "refused by Braze", refusal.reason, objects[index]
                 )
         return refused
 

@@ -95,15 +95,7 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
             summary.invalid += 1
             kind = "invalid"
         record = problem.raw.decode("utf-8", "backslashreplace") if problem.raw else None
-        dead_letter.write(
-            {
-                "source": problem.path,
-                "line": problem.line,
-                "kind": kind,
-                "reason": problem.reason,
-                "record": record,
-            }  # fmt: skip
-        )
+        dead_letter.write(problem.path, problem.line, kind, problem.reason, record)
 
     for archive in archives:
         skip = 0
@@ -159,15 +151,7 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
                 setattr(summary, mapped.counter, getattr(summary, mapped.counter) + 1)
             else:
                 summary.rejected += 1
-                dead_letter.write(
-                    {
-                        "source": path,
-                        "line": number,
-                        "kind": "rejected",
-                        "reason": mapped.reason,
-                        "record": record,
-                    }  # fmt: skip
-                )
+                dead_letter.write(path, number, "rejected", mapped.reason, record)
             add((number, 0, None))
         summary.lines += len(chunk)
         ledger.decide_chunk(progress, chunk)
@@ -180,27 +164,10 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
 def _dead_letter_parts(dead_letter, summary, path, number, call: Call, record: dict) -> None:
     for drop in call.drops:
         summary.fields_dropped += 1
-        dead_letter.write(
-            {
-                "source": path,
-                "line": number,
-                "kind": "dropped field",
-                "key": drop.key,
-                "reason": drop.reason,
-                "record": record,
-            }  # fmt: skip
-        )
+        dead_letter.write(path, number, "dropped field", drop.reason, record, key=drop.key)
     for rejection in call.rejected_objects:
         summary.rejected += 1
-        dead_letter.write(
-            {
-                "source": path,
-                "line": number,
-                "kind": "rejected",
-                "reason": rejection.reason,
-                "record": record,
-            }  # fmt: skip
-        )
+        dead_letter.write(path, number, "rejected", rejection.reason, record)
 
 
 def _json_problem(error: JSONDecodeError) -> str:
@@ -212,15 +179,8 @@ def _json_problem(error: JSONDecodeError) -> str:
 
 def _reject_line(dead_letter, summary, path, number, reason, raw: bytes) -> None:
     summary.invalid += 1
-    dead_letter.write(
-        {
-            "source": path,
-            "line": number,
-            "kind": "invalid",
-            "reason": reason,
-            "record": raw[:10_000].decode("utf-8", "backslashreplace"),
-        }  # fmt: skip
-    )
+    record = raw[:10_000].decode("utf-8", "backslashreplace")
+    dead_letter.write(path, number, "invalid", reason, record)
 
 
 @dataclass

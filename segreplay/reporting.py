@@ -97,14 +97,21 @@ class DeadLetter:
         self._reporter = reporter
         self._file = None
 
-    def write(self, record: dict) -> None:
+    def write(self, source: str, line: int, kind: str, reason: str, record, key=None) -> None:
+        """One record: where (source file, line), what kind of problem, why, and the
+        Segment line (or Braze object) itself; `key` names a dropped field."""
+        entry = {"source": source, "line": line, "kind": kind}
+        if key is not None:
+            entry["key"] = key
+        entry["reason"] = reason
+        entry["record"] = record
         self.count += 1
-        self._reporter.problem(record)
+        self._reporter.problem(entry)
         if self.path is None:
             return
         if self._file is None:
             self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-        self._file.write(dumps(record) + b"\n")
+        self._file.write(dumps(entry) + b"\n")
 
     def close(self) -> None:
         if self._file is not None:

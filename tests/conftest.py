@@ -52,3 +52,26 @@ def archive(tmp_path):
         return write_archive(tmp_path / "logs" / name, lines, compress)
 
     return make
+
+
+IDENTIFIER_KEYS = ("external_id", "user_alias", "braze_id", "_update_existing_only")
+
+
+def final_attributes(bodies: list[dict]) -> dict[str, dict]:
+    """Each user's attributes after every request body is applied in order, as Braze
+    does: null unsets. Users with only events appear with no attributes."""
+    users: dict[str, dict] = {}
+    for body in bodies:
+        for array in ("attributes", "events", "purchases"):
+            for obj in body.get(array, ()):
+                attributes = users.setdefault(obj["external_id"], {})
+                if array != "attributes":
+                    continue
+                for key, value in obj.items():
+                    if key in IDENTIFIER_KEYS:
+                        continue
+                    if value is None:
+                        attributes.pop(key, None)
+                    else:
+                        attributes[key] = value
+    return users

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import final_attributes
 
 from segreplay import client
 from segreplay.client import braze_sink
@@ -31,7 +32,6 @@ from samples.generate import generate  # noqa: E402
 SEGREPLAY = str(ROOT / ".venv" / "bin" / "segreplay")
 KEY = "fake-delivery-key"
 SECRET = "sk-live-SECRET-9f8e7d"
-_IDENTIFIERS = ("external_id", "user_alias", "braze_id", "_update_existing_only")
 
 
 def _canonical(obj: dict) -> bytes:
@@ -54,29 +54,10 @@ class Expected:
                 ("purchase", "purchases"),
             )
         }
-        self.attributes = _final_attributes(self.bodies)
+        self.attributes = final_attributes(self.bodies)
 
     def count(self, kind: str) -> int:
         return sum(self.objects[kind].values())
-
-
-def _final_attributes(bodies: list[dict]) -> dict[str, dict]:
-    """Each user's attributes after applying every body in order, as Braze does."""
-    users: dict[str, dict] = {}
-    for body in bodies:
-        for array in ("attributes", "events", "purchases"):
-            for obj in body.get(array, ()):
-                attributes = users.setdefault(obj["external_id"], {})
-                if array != "attributes":
-                    continue
-                for key, value in obj.items():
-                    if key in _IDENTIFIERS:
-                        continue
-                    if value is None:
-                        attributes.pop(key, None)
-                    else:
-                        attributes[key] = value
-    return users
 
 
 def _dry_run(logs: Path, work: Path) -> Expected:

@@ -9,7 +9,7 @@ import os
 
 import orjson
 import pytest
-from conftest import identify, segment, track, write_archive
+from conftest import final_attributes, identify, segment, track, write_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -297,14 +297,7 @@ def test_a_crash_at_any_request_then_resume_equals_one_clean_run(tmp_path_factor
     assert sorted(map(key, objects(clean, "events"))) == sorted(
         map(key, objects(crashed, "events"))
     )
-    assert _final_attributes(clean) == _final_attributes(crashed)
-
-
-def _final_attributes(bodies) -> dict:
-    final: dict = {}
-    for obj in objects(bodies, "attributes"):
-        final.setdefault(obj["external_id"], {}).update(obj)
-    return final
+    assert final_attributes(clean) == final_attributes(crashed)
 
 
 def test_state_file_is_private_and_versioned(tmp_path, archive):

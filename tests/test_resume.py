@@ -23,6 +23,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import final_attributes
 
 from segreplay.config import MAX_OBJECTS_PER_REQUEST
 from segreplay.fake import FakeBraze
@@ -40,7 +41,6 @@ CONCURRENCY = 4
 # What a kill can cost: the requests in flight, each Braze processed but never answered.
 DUPLICATE_BOUND = CONCURRENCY * MAX_OBJECTS_PER_REQUEST
 LATENCY_MS = 10.0
-_IDENTIFIERS = ("external_id", "user_alias", "braze_id", "_update_existing_only")
 
 
 def _canonical(obj: dict) -> bytes:
@@ -54,25 +54,6 @@ def _event_key(obj: dict) -> tuple:
 
 def _stored_key(kind: str, obj: dict) -> tuple:
     return (kind, *_event_key(obj)) if kind == "event" else (kind, _canonical(obj))
-
-
-def _final_attributes(bodies: list[dict]) -> dict[str, dict]:
-    """Each user's attributes after every body is applied in order, as Braze does."""
-    users: dict[str, dict] = {}
-    for body in bodies:
-        for array in ("attributes", "events", "purchases"):
-            for obj in body.get(array, ()):
-                attributes = users.setdefault(obj["external_id"], {})
-                if array != "attributes":
-                    continue
-                for key, value in obj.items():
-                    if key in _IDENTIFIERS:
-                        continue
-                    if value is None:
-                        attributes.pop(key, None)
-                    else:
-                        attributes[key] = value
-    return users
 
 
 @dataclass
@@ -114,7 +95,7 @@ def _make_archive(root: Path, seed: int, lines: int = 8000, **layout) -> Archive
         for obj in body.get(array, ())
     )
     lines = sum(gzip.decompress(path.read_bytes()).count(b"\n") for path in paths)
-    return Archive(logs, len(paths), lines, len(bodies), stored, _final_attributes(bodies))
+    return Archive(logs, len(paths), lines, len(bodies), stored, final_attributes(bodies))
 
 
 @pytest.fixture(scope="module")
