@@ -50,6 +50,11 @@ def decide_attributes(view: dict | None, updates: dict, time: str) -> AttributeD
                 continue
             if same_value(prior[0], value):
                 decision.unchanged += 1
+            elif time == prior[1] and dumps_canonical(value) <= dumps_canonical(prior[0]):
+                # Two lines of one millisecond disagree. The larger value wins whichever
+                # is read first, so reading a file again never flips the value back.
+                decision.outdated += 1
+                continue
             else:
                 decision.send[key] = value
         elif value is None:
