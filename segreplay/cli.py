@@ -45,7 +45,7 @@ def cli() -> None:
     """Replay Segment archive exports into Braze, sending only what changed.
 
     \b
-    Rehearse against the bundled fake Braze, then the real thing:
+    Rehearse with a dry run, then replay for real:
       segreplay import segment-logs/ --dry-run --diff
       segreplay import segment-logs/ --endpoint US-03   (key in BRAZE_API_KEY)
     """
@@ -164,6 +164,12 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
       segreplay import segment-logs/ --dry-run --diff
       segreplay import segment-logs/ --endpoint US-03 --json >> replay.log
       segreplay import 'segment-logs/*/1709*' --endpoint EU-01 --since 2024-03-01
+
+    Delivery: at most 75 objects a request, up to --concurrency requests in flight within
+    the --rate budget; a 429 pauses every sender until Braze's reset, 5xx and network
+    errors are retried with backoff, objects Braze refuses go to the dead letter. State
+    advances only on Braze's acknowledgement: after a crash, the same command resumes.
+    See docs/delivery.md and docs/state.md.
 
     Exit status: 0 all delivered or deliberately skipped; 3 finished, but some lines or
     objects were rejected (see the dead-letter file); 1 stopped on a fatal error (the
