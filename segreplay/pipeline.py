@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from segreplay.config import RunConfig
+from segreplay.errors import UsageError
 from segreplay.jsonutil import JSONDecodeError, loads
 from segreplay.ledger import Ledger, Settle, Sink
 from segreplay.mapping import Call, Skipped, map_call
@@ -32,6 +33,17 @@ def _fingerprint(archive: ArchiveFile) -> str:
         return hashlib.blake2b(file.read(_FINGERPRINT_BYTES), digest_size=16).hexdigest()
 
 
+def _check_folder(option: str, path: str | None) -> None:
+    """Say so before the run, not after an hour of it, when a file cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path}: the folder {folder} is not writable")
+
+
 def _now() -> str:
     return format_time(datetime.now(UTC))
 
@@ -45,6 +57,10 @@ def run_import(
     (a dry run when None). Returns the summary; raises SegreplayError when it stops."""
     started = _time.monotonic()
     archives = discover(config.sources)
+    _check_folder("--output", config.output_path)
+    _check_folder("--dead-letter", config.dead_letter_path)
+    if not config.dry_run:
+        _check_folder("--state", config.state_path)
     summary = Summary(dry_run=config.dry_run, files=len(archives))
     session = open_state(config)
     state = session.state

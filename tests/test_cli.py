@@ -90,6 +90,27 @@ def test_a_clean_archive_exits_0(run, archive):
             "--since must be an ISO 8601 time",
         ),
         (["status", "--state", "absent.sqlite"], "absent.sqlite: no state file here"),
+        (
+            ["import", SAMPLE, "--dry-run", "--output", "no/dir/out.jsonl"],
+            "--output no/dir/out.jsonl: the folder",
+        ),
+        (
+            ["import", SAMPLE, "--dry-run", "--dead-letter", "no/dir/dl.jsonl"],
+            "--dead-letter no/dir/dl.jsonl: the folder",
+        ),
+        (
+            [
+                "import",
+                SAMPLE,
+                "--endpoint",
+                "US-03",
+                "--api-key",
+                "k",
+                "--state",
+                "no/dir/s.sqlite",
+            ],
+            "--state no/dir/s.sqlite: the folder",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_a_message(run, args, message):
