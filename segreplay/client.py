@@ -181,13 +181,16 @@ class BrazeSink:
         settle: Settle,
         summary: Summary,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self._options = options
         self._settle = settle
         self._summary = summary
-        self._sleep = sleep
-        self._budget = RequestBudget(options.rate_requests, options.rate_seconds, sleep=sleep)
+        # Waits (backoff, rate budget) end early when the run stops, so no worker keeps
+        # the process alive after Ctrl-C. Tests inject a sleep that records instead.
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._wait_unless_stopped
+        self._budget = RequestBudget(options.rate_requests, options.rate_seconds, sleep=self._sleep)
         # The transport, not a Client: every request is the same POST, and a Client's
         # per-request machinery (redirects, cookies, auth, hooks) cost a third of the CPU
         # a request takes. Tests swap in httpx.MockTransport here.
@@ -211,6 +214,7 @@ class BrazeSink:
         self._in_flight: dict[Future, Batch] = {}
         self._users_in_flight: set[str] = set()
         self._fatal: BaseException | None = None
+        self._closed = False  # after Ctrl-C or a fatal error: workers stop retrying
 
     def submit(self, batch: Batch) -> None:
         while self._in_flight and (
@@ -235,8 +239,14 @@ class BrazeSink:
             self.close()
 
     def close(self) -> None:
+        self._closed = True
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._transport.close()
+
+    def _wait_unless_stopped(self, seconds: float) -> None:
+        if self._stopping.wait(seconds):
+            raise DeliveryError("the run was stopped")
 
     def _raise_if_failed(self) -> None:
         if self._fatal is not None:
@@ -278,8 +288,8 @@ class BrazeSink:
         indexes by `offsets` when the body is a part of the batch (after a 413)."""
         failures = 0
         while True:
-            if self._fatal is not None:
-                raise DeliveryError("stopped: another request failed")
+            if self._fatal is not None or self._closed:
+                raise DeliveryError("stopped: another request failed, or the run was stopped")
             self._budget.take()
             try:
                 request = httpx.Request(
