@@ -312,6 +312,28 @@ def test_cli_wrong_key_exits_1_with_a_message(archive, tmp_path):
     _assert_state_empty(tmp_path / "state.sqlite")
 
 
+def test_ctrl_c_stops_at_once_even_while_requests_back_off(archive, tmp_path):
+    import signal
+    import time
+
+    logs, _ = archive
+    with FakeBraze(api_key=SECRET, rate_5xx=1.0) as fake:  # every request backs off
+        process = subprocess.Popen(
+            [SEGREPLAY, "import", str(logs), "--endpoint", fake.url,
+             "--state", str(tmp_path / "state.sqlite")],
+            cwd=tmp_path, env={**os.environ, "BRAZE_API_KEY": SECRET},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        while fake.stats()["requests"] < 3:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert stderr.decode().endswith(
+        "interrupted: every acknowledged request is in the state; run the same command to resume\n"
+    )
+
+
 def test_cli_delivers_under_faults_and_never_writes_the_key(archive, tmp_path):
     logs, expected = archive
     log = tmp_path / "fake-braze.jsonl"
