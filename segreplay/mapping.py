@@ -209,9 +209,9 @@ def _map_identify(record: dict, call: Call, options: MappingOptions) -> Mapped:
                 attributes, drops, "email", key, value.strip() if isinstance(value, str) else value
             )
         elif key == "birthday":
-            _put_birthday(attributes, drops, value)
+            _put_normalized(attributes, drops, key, "dob", value, parse_date, "not a date")
         elif key == "gender":
-            _put_gender(attributes, drops, value)
+            _put_normalized(attributes, drops, key, "gender", value, _gender, "not a known gender")
         elif key == "address":
             _put_address(attributes, drops, value)
         else:
@@ -234,27 +234,22 @@ def _put_string(attributes: dict, drops: list[Drop], braze_key: str, key: str, v
         drops.append(Drop(key, f"{braze_key} must be a string, not {_json_type(value)}"))
 
 
-def _put_birthday(attributes: dict, drops: list[Drop], value) -> None:
+def _put_normalized(attributes: dict, drops: list[Drop], trait: str, braze_key: str, value,
+                    normalize, complaint: str) -> None:  # fmt: skip
+    """A standard field Braze takes in one form only: normalized, or left out with a
+    warning. Never sent as null for a value it cannot read: that would clear Braze's."""
     if value is None:
-        attributes["dob"] = None
+        attributes[braze_key] = None
         return
-    dob = parse_date(value)
-    if dob is None:
-        drops.append(Drop("birthday", f"not a date: {value!r:.80}"))
+    normalized = normalize(value)
+    if normalized is None:
+        drops.append(Drop(trait, f"{complaint}: {value!r:.80}"))
     else:
-        attributes["dob"] = dob
+        attributes[braze_key] = normalized
 
 
-def _put_gender(attributes: dict, drops: list[Drop], value) -> None:
-    if value is None:
-        attributes["gender"] = None
-        return
-    gender = _GENDERS.get(value.strip().lower()) if isinstance(value, str) else None
-    if gender is None:
-        # Never sent as null: that would clear a gender Braze already has.
-        drops.append(Drop("gender", f"not a known gender: {value!r:.80}"))
-    else:
-        attributes["gender"] = gender
+def _gender(value) -> str | None:
+    return _GENDERS.get(value.strip().lower()) if isinstance(value, str) else None
 
 
 def _put_address(attributes: dict, drops: list[Drop], value) -> None:
