@@ -166,9 +166,9 @@ class Ledger:
             count = len(call.events) + len(call.purchases)
             if count and call.message_id:
                 message_id = call.message_id
-                digests = [message_digest(message_id, i) for i in range(count)]
-                all_digests += digests
-                per_call.append(digests)
+                call_digests = [message_digest(message_id, i) for i in range(count)]
+                all_digests += call_digests
+                per_call.append(call_digests)
             else:
                 per_call.append(None)
         users.difference_update(self._overlay)
