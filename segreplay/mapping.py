@@ -191,11 +191,9 @@ def _identity(record: dict, options: MappingOptions) -> tuple[str, dict] | Mappe
 
 
 def _map_identify(record: dict, call: Call, options: MappingOptions) -> Mapped:
-    traits = record.get("traits")
-    if traits is None:
-        traits = {}
-    elif not isinstance(traits, dict):
-        return Rejected(f"traits must be an object, not {_json_type(traits)}")
+    traits = _object_field(record, "traits")
+    if type(traits) is Rejected:
+        return traits
     attributes: dict = {}
     drops = call.drops
     for key, value in traits.items():
@@ -343,11 +341,9 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
         return Rejected("track without an event name")
     if not _allowed(name, options):
         return Skipped("filtered")
-    properties = record.get("properties")
-    if properties is None:
-        properties = {}
-    elif not isinstance(properties, dict):
-        return Rejected(f"properties must be an object, not {_json_type(properties)}")
+    properties = _object_field(record, "properties")
+    if type(properties) is Rejected:
+        return properties
 
     lowered = name.strip().lower()  # rules match "Order Completed " as "Order Completed"
     products = properties.get("products")
@@ -468,11 +464,9 @@ def _map_page(record: dict, call: Call, options: MappingOptions) -> Mapped:
         event_name = f"Loaded a {noun}"
     if not _allowed(event_name, options):
         return Skipped("filtered")
-    properties = record.get("properties")
-    if properties is None:
-        properties = {}
-    elif not isinstance(properties, dict):
-        return Rejected(f"properties must be an object, not {_json_type(properties)}")
+    properties = _object_field(record, "properties")
+    if type(properties) is Rejected:
+        return properties
     properties = dict(properties)
     if name is not None:
         properties["name"] = name
@@ -503,6 +497,16 @@ _MAPPERS = {
 
 
 # values -------------------------------------------------------------------------------
+
+
+def _object_field(record: dict, key: str) -> dict | Rejected:
+    """`traits` or `properties`: an object, absent (empty), or a reason to reject the line."""
+    value = record.get(key)
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    return Rejected(f"{key} must be an object, not {_json_type(value)}")
 
 
 def _nonblank(value) -> bool:
