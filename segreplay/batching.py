@@ -56,7 +56,8 @@ class Batch:
         return {name: objects for name, objects in arrays.items() if objects}
 
     def origin(self, array: str, index: int) -> Origin | None:
-        """Where the object at `index` of `array` came from (first line for merged ones)."""
+        """Where the object at `index` of `array` came from (the latest line for a merged
+        attributes object: the one whose values won)."""
         try:
             if array == "attributes":
                 user = list(self.attributes)[index]
