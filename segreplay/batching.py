@@ -38,7 +38,9 @@ class Batch:
     # Users whose objects here must reach Braze after their earlier ones: the sink keeps
     # at most one batch in flight for each.
     ordered_users: set[str] = field(default_factory=set)
-    tickets: list = field(default_factory=list)
+    # Files with lines whose decisions wait on this request (the ledger's checkpoints).
+    holds: list = field(default_factory=list)
+    settled: bool = False
     size_estimate: int = _ENVELOPE_BYTES
     count: int = 0  # objects in all three arrays
     body: bytes = b""

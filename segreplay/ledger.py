@@ -66,31 +66,31 @@ class DrySink:
 
 
 @dataclass(slots=True, eq=False)
-class _Ticket:
-    """A line whose decisions wait on `waiting` unacknowledged batches."""
-
-    line: int
-    waiting: int = 0
-
-
-@dataclass(slots=True, eq=False)
 class _FileProgress:
     archive: ArchiveFile
     fingerprint: str
     last_line: int = 0  # last line handed to the ledger
     read_all: bool = False
-    open_tickets: deque = field(default_factory=deque)
+    # (first line of this file a batch holds, the batch), in line order: a line is
+    # settled once every batch holding it or an earlier line of the file is.
+    held: deque[tuple[int, Batch]] = field(default_factory=deque)
     written: tuple[int, bool] | None = None  # (lines_acked, done) as last committed
 
+    def hold(self, batch: Batch, line: int) -> None:
+        """`line`'s decisions wait on `batch` (lines are decided in increasing order)."""
+        if self not in batch.holds:
+            batch.holds.append(self)
+            self.held.append((line, batch))
+
     def watermark(self) -> int:
-        tickets = self.open_tickets
-        while tickets and tickets[0].waiting == 0:
-            tickets.popleft()
-        return tickets[0].line - 1 if tickets else self.last_line
+        held = self.held
+        while held and held[0][1].settled:
+            held.popleft()
+        return held[0][0] - 1 if held else self.last_line
 
     def checkpoint(self) -> FileCheckpoint | None:
         lines_acked = self.watermark()
-        done = self.read_all and not self.open_tickets
+        done = self.read_all and not self.held
         if (lines_acked, done) == self.written or self.archive.size is None:
             return None  # unchanged, or standard input (nothing to resume from)
         self.written = (lines_acked, done)
@@ -177,14 +177,13 @@ class Ledger:
         for (line, size, call), digests in zip(entries, per_call, strict=True):
             if call is not None:
                 decide(call, digests, progress, line, size)
-            progress.last_line = line  # settled, or held by a ticket until acknowledged
+            progress.last_line = line  # settled, or held by a batch until acknowledged
         self._lines_since_commit += len(entries)
         if self._lines_since_commit >= _COMMIT_EVERY_LINES:
             self.commit()
 
     def _decide(self, call: Call, digests, progress: _FileProgress, line: int, size: int) -> None:
         origin: Origin = (progress.archive.path, line)
-        ticket = _Ticket(line)
         user = call.user
         view = self._overlay.get(user)
         if view is None:
@@ -193,7 +192,7 @@ class Ledger:
         else:
             committed, known = view, True
         sent_objects = (
-            self._decide_events(call, digests, ticket, origin, size)
+            self._decide_events(call, digests, progress, origin, size)
             if call.events or call.purchases
             else 0
         )
@@ -208,23 +207,21 @@ class Ledger:
                 # A first identify with nothing left to send still creates the profile.
                 obj = {**call.identifier, **decision.send, **self._flags(call)}
                 batch = self.batcher.add_attributes(user, obj, origin, size)
-                self._attach(batch, user, effects, ticket)
+                self._attach(batch, user, effects, progress, line)
                 sent_objects += 1
             elif effects:
                 batch = self._attribute_batch.get(user)
                 if batch is None:
                     self._unbatched_effects.setdefault(user, {}).update(effects)
                 else:
-                    self._attach(batch, user, effects, ticket)
+                    self._attach(batch, user, effects, progress, line)
         if view is None and (sent_objects or effects):
             view = self._overlay[user] = dict(committed or {})
         if effects:
             view.update(effects)
-        if ticket.waiting:
-            progress.open_tickets.append(ticket)
 
     def _decide_events(
-        self, call: Call, digests, ticket: _Ticket, origin: Origin, size: int
+        self, call: Call, digests, progress: _FileProgress, origin: Origin, size: int
     ) -> int:
         sent = 0
         pending = self._pending_digests
@@ -245,7 +242,7 @@ class Ledger:
                     pending.add(digest)
                 batch = add(obj, origin, digest, size)
                 if batch is not attached_to:
-                    self._attach(batch, user, None, ticket)
+                    self._attach(batch, user, None, progress, origin[1])
                     attached_to = batch
                     if call.is_alias:
                         # Only the alias's attributes object creates its profile: its
@@ -256,9 +253,10 @@ class Ledger:
             self._summary.duplicates += 1
         return sent
 
-    def _attach(self, batch: Batch, user: str, effects: dict | None, ticket: _Ticket) -> None:
+    def _attach(self, batch: Batch, user: str, effects: dict | None,
+                progress: _FileProgress, line: int) -> None:  # fmt: skip
         """Make `batch` carry the user's attribute `effects` (None for events only) and
-        hold `ticket`'s line until the batch is acknowledged."""
+        hold `line` of `progress` until the batch is acknowledged."""
         user_effects = batch.effects.get(user)
         if user_effects is None:
             user_effects = batch.effects[user] = {}  # even empty: the user becomes known
@@ -267,9 +265,7 @@ class Ledger:
             user_effects.update(effects)
             self._attribute_batch[user] = batch
             batch.ordered_users.add(user)
-        if not batch.tickets or batch.tickets[-1] is not ticket:
-            batch.tickets.append(ticket)
-            ticket.waiting += 1
+        progress.hold(batch, line)
 
     def _flags(self, call: Call) -> dict:
         if self._options.update_existing_only:
@@ -332,8 +328,7 @@ class Ledger:
                 summary.events_sent += len(kept)
             else:
                 summary.purchases_sent += len(kept)
-        for ticket in batch.tickets:
-            ticket.waiting -= 1
+        batch.settled = True
 
     def _record_refusals(self, batch: Batch, refusals: list[Refusal]) -> set:
         refused: set = set()
@@ -375,7 +370,7 @@ class Ledger:
                 # Unbatched decisions for a user are always older than its batched ones.
                 merged.setdefault(user, {}).update(user_effects)
         checkpoints = [c for c in (p.checkpoint() for p in self._files) if c is not None]
-        self._files = [p for p in self._files if not (p.read_all and not p.open_tickets)]
+        self._files = [p for p in self._files if not (p.read_all and not p.held)]
         if merged or digests or checkpoints:
             self._state.commit(self._run_id, merged, digests or (), checkpoints)
         for user in merged:
