@@ -2,6 +2,7 @@
 the same run on the same archive (never absolute timings in tests).
 
   floor      the archive read, decompressed and every line parsed with orjson, bare loop
+  ceiling    the floor plus the least a dry run must do for events (benchmarks/ceiling.py)
   dry run    `segreplay import --dry-run` (its own process: lines/s and peak RSS)
   live       `segreplay import` into the fake Braze, which runs in its own process
   resume     lines already acknowledged, skipped on resume, against processing them
@@ -217,6 +218,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="segreplay-bench-"))
     try:
+        from benchmarks.ceiling import ceiling
+
+        _, ceiling_s = ceiling(folder, work / "ceiling.sqlite")
+        print(
+            f"(m) ceiling: events only, bare loop / floor {floor_s / ceiling_s:>9.2f}  (what any pipeline of this shape can reach)"
+        )
         common = [str(folder), "--dead-letter", str(work / "dead.jsonl"), "--anonymous", "alias"]
         summary, dry_s, dry_rss = run_measured(
             ["import", *common, "--dry-run", "--state", str(work / "dry.sqlite"),
