@@ -44,6 +44,9 @@ class Batch:
     size_estimate: int = _ENVELOPE_BYTES
     count: int = 0  # objects in all three arrays
     body: bytes = b""
+    # The bodies Braze answered for this batch, as sent: the body itself, or its parts
+    # after a 413 split. Written by the sink, read once the batch is settled.
+    answered_bodies: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.count

@@ -80,7 +80,7 @@ def cli() -> None:
     "--output",
     "output_path",
     metavar="PATH",
-    help="Write every request body, one JSON line each, exactly as sent.",
+    help="Write every request body Braze answered, one JSON line each, exactly as sent.",
 )
 @click.option(
     "--dead-letter",

@@ -307,14 +307,17 @@ class BrazeSink:
             except httpx.TransportError as error:
                 verdict = Verdict("retry", f"{type(error).__name__}: {error}")
             if verdict.kind == "accepted":
+                batch.answered_bodies.append(body)
                 outcome.refusals.extend(_shift(verdict.refusals, offsets))
                 return
             if verdict.kind == "refused":
+                batch.answered_bodies.append(body)
                 outcome.refusals.extend(_whole(body, verdict.message, offsets))
                 return
             if verdict.kind == "too_large":
                 halves = _split(body)
                 if halves is None:
+                    batch.answered_bodies.append(body)
                     outcome.refusals.extend(_whole(body, "request too large", offsets))
                     return
                 for half, half_offsets in halves:

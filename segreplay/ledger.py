@@ -52,6 +52,7 @@ class DrySink:
         self._answers: list[tuple[Batch, list[Refusal]]] = []
 
     def submit(self, batch: Batch) -> None:
+        batch.answered_bodies.append(batch.body)
         self._answers.append((batch, []))
         if len(self._answers) >= self.GROUP:
             self.finish()
@@ -131,12 +132,10 @@ class Ledger:
         self._delivered: set[int] = set()  # digests of the current chunk already delivered
         self.batcher = Batcher(self._seal, config.batch_limit)
         self.sink: Sink = DrySink(self.settle)
-        self.output: BinaryIO | None = None  # --output: every request body, one per line
+        self.output: BinaryIO | None = None  # --output: every body Braze answered, one per line
 
     def _seal(self, batch: Batch) -> None:
         self._summary.requests += 1
-        if self.output is not None:
-            self.output.write(batch.body + b"\n")
         self.sink.submit(batch)
 
     # files ---------------------------------------------------------------------------
@@ -283,6 +282,8 @@ class Ledger:
         digests: list[int] = []
         for batch, refusals in answers:
             self._settle_one(batch, refusals, effects, digests)
+            if self.output is not None:
+                self.output.writelines(body + b"\n" for body in batch.answered_bodies)
         self.commit(effects, digests)
         # The chunk being decided prefetched its delivered digests before these answers
         # came: without this, a repeat later in the chunk is in neither set and resent.

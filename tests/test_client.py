@@ -357,6 +357,7 @@ def test_sink_sends_the_body_with_braze_headers():
     assert request.headers["Content-Type"] == "application/json"
     assert request.content == batch.body
     assert settled == [(batch, [])]
+    assert batch.answered_bodies == [batch.body]  # what --output records
     assert (summary.retries, summary.rate_limited, sleeps) == (0, 0, [])
 
 
@@ -448,12 +449,15 @@ def test_413_with_one_object_per_array_still_splits():
         {"events": [event]},
     ]
     assert settled == [(batch, [])]
+    # --output records the halves Braze took, not the body it answered with a 413
+    assert batch.answered_bodies == [request.content for request in recorder.requests[1:]]
 
 
 def test_413_for_a_single_object_refuses_it():
     batch = _batch(events=[_event("u1", 1), _event("u1", 2)])
     recorder, settled, _, _ = _deliver(_too_large_above(0), batch)
     assert len(recorder.requests) == 3  # the whole, then each half once
+    assert batch.answered_bodies == [request.content for request in recorder.requests[1:]]
     [(_, refusals)] = settled
     assert refusals == [
         Refusal("events", 0, "request too large"),
