@@ -7,11 +7,15 @@ import io
 import random
 import sys
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from isal import igzip
 
+from segreplay import source
 from segreplay.config import MAX_LINE_BYTES
 from segreplay.errors import UsageError
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover
@@ -248,6 +252,185 @@ def test_the_committed_sample_reads_as_its_readme_says() -> None:
     assert count == 400
     assert [(Path(p.path).name, p.reason) for p in problems] == [
         ("manifest.txt", "not gzip and not JSON lines: skipped")
+    ]
+
+
+# LineReader: block edges --------------------------------------------------------------
+# Lines are cut out of blocks of BLOCK_BYTES (of inflated data, for gzip). These tests
+# shrink the blocks so that small files put a block boundary where each case needs one.
+
+
+def _file(tmp_path: Path, data: bytes, compress: bool) -> Path:
+    return _write(tmp_path / "a.gz", gzip.compress(data) if compress else data)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+def test_a_line_split_across_two_blocks_is_read_whole(
+    tmp_path: Path, monkeypatch, compress: bool
+) -> None:
+    monkeypatch.setattr(source, "BLOCK_BYTES", 10)
+    data = b'{"n":1}\n{"n":22}\n'  # the second line starts in the first block
+    lines, problems = _read(_file(tmp_path, data, compress))
+    assert lines == [(1, b'{"n":1}'), (2, b'{"n":22}')]
+    assert problems == []
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize("block", [7, 8], ids=["newline-opens-a-block", "newline-ends-a-block"])
+def test_a_newline_on_a_block_boundary(
+    tmp_path: Path, monkeypatch, block: int, compress: bool
+) -> None:
+    monkeypatch.setattr(source, "BLOCK_BYTES", block)
+    data = b'{"n":1}\n{"n":2}\n{"n":3}'  # 8 bytes a line; the last has no newline
+    lines, problems = _read(_file(tmp_path, data, compress))
+    assert lines == [(1, b'{"n":1}'), (2, b'{"n":2}'), (3, b'{"n":3}')]
+    assert problems == []
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize("block", [8, 1 << 16], ids=["crlf-split-by-blocks", "one-block"])
+def test_crlf_lines_keep_their_carriage_return(
+    tmp_path: Path, monkeypatch, block: int, compress: bool
+) -> None:
+    """Only \\n ends a line, as it always has: a \\r before it stays (JSON ignores it)."""
+    monkeypatch.setattr(source, "BLOCK_BYTES", block)
+    # With 8-byte blocks, the first \r ends a block and its \n opens the next one.
+    data = b'{"n":1}\r\n\r\n{"a":1,\r"b":2}\r\n'
+    lines, problems = _read(_file(tmp_path, data, compress))
+    assert lines == [(1, b'{"n":1}\r'), (3, b'{"a":1,\r"b":2}\r')]
+    assert problems == []
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+def test_an_overlong_line_across_many_blocks_is_reported_once(
+    tmp_path: Path, monkeypatch, compress: bool
+) -> None:
+    monkeypatch.setattr(source, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(source, "MAX_LINE_BYTES", 2000)
+    huge = b'{"pad":"' + b"x" * 4990 + b'"}'  # 20 blocks
+    fits = b'{"pad":"' + b"x" * 1989 + b'"}'  # one byte under the limit
+    at_limit = fits + b" "
+    data = b"\n".join([b'{"n":1}', huge, fits, at_limit, b'{"n":5}', huge])  # no newline at the end
+    path = _file(tmp_path, data, compress)
+    lines, problems = _read(path)
+    assert lines == [(1, b'{"n":1}'), (3, fits), (5, b'{"n":5}')]
+    assert problems == [
+        ReadProblem(
+            str(path), 2, "line too long (5,001 bytes; the limit is 2,000)", raw=huge[:1000]
+        ),
+        ReadProblem(
+            str(path), 4, "line too long (2,001 bytes; the limit is 2,000)", raw=at_limit[:1000]
+        ),
+        ReadProblem(
+            str(path), 6, "line too long (5,000 bytes; the limit is 2,000)", raw=huge[:1000]
+        ),
+    ]
+
+
+def test_an_overlong_line_is_passed_over_in_flat_memory(tmp_path: Path) -> None:
+    huge = b'{"pad":"' + b"x" * (20 * MAX_LINE_BYTES) + b'"}'
+    path = _write(tmp_path / "a.gz", gzip.compress(huge + b'\n{"n":2}\n', compresslevel=1))
+    tracemalloc.start()
+    try:
+        lines, problems = _read(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lines == [(2, b'{"n":2}')]
+    assert [p.line for p in problems] == [1]
+    assert peak < 3 * MAX_LINE_BYTES, f"peak {peak:,} bytes for a {len(huge):,}-byte line"
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize("block", [16, 23], ids=["mid-line", "line-ends-a-block"])
+def test_skip_across_block_boundaries(
+    tmp_path: Path, monkeypatch, block: int, compress: bool
+) -> None:
+    monkeypatch.setattr(source, "BLOCK_BYTES", block)
+    path = _file(tmp_path, _jsonl(9), compress)  # 23-byte lines
+    for skip in range(11):
+        lines, problems = _read(path, skip=skip)
+        assert lines == [(n, b'{"type":"track","n":%d}' % n) for n in range(skip + 1, 10)]
+        assert problems == []
+
+
+@pytest.mark.parametrize("block", [64, 1 << 16])
+def test_truncated_gzip_cut_mid_line_yields_every_whole_line_before_the_cut(
+    tmp_path: Path, monkeypatch, block: int
+) -> None:
+    monkeypatch.setattr(source, "BLOCK_BYTES", block)
+    rng = random.Random(3)
+    data = b"".join(
+        b'{"n":%d,"pad":"%s"}\n' % (n, rng.randbytes(40).hex().encode()) for n in range(1, 2001)
+    )
+    whole = gzip.compress(data)
+    for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 20):
+        left = zlib.decompressobj(31).decompress(whole[:cut])  # all the cut file holds
+        assert not left.endswith(b"\n"), "the cut should fall mid-line"
+        before = left.split(b"\n")[:-1]
+        path = _write(tmp_path / "cut.gz", whole[:cut])
+        lines, problems = _read(path)
+        assert lines == list(enumerate(before, start=1))
+        assert [(p.line, p.truncated) for p in problems] == [(len(before) + 1, True)]
+        assert problems[0].reason.startswith(
+            f"gzip data is truncated or corrupt after line {len(before):,} ("
+        )
+
+
+def test_zero_padding_after_a_gzip_member_is_allowed(tmp_path: Path) -> None:
+    data = gzip.compress(_jsonl(2)) + bytes(10) + gzip.compress(_jsonl(1, 3)) + bytes(7)
+    lines, problems = _read(_write(tmp_path / "a.gz", data))
+    assert [n for n, _ in lines] == [1, 2, 3]
+    assert problems == []
+
+
+def test_bytes_after_the_last_gzip_member_are_reported(tmp_path: Path) -> None:
+    lines, problems = _read(_write(tmp_path / "a.gz", gzip.compress(_jsonl(3)) + b"not gzip\n"))
+    assert [n for n, _ in lines] == [1, 2, 3]
+    assert [(p.line, p.truncated) for p in problems] == [(4, True)]
+
+
+_LIMIT = 1000  # MAX_LINE_BYTES for the property below: lines cross it with little data
+_line_bodies = st.one_of(
+    st.binary(max_size=30).map(lambda body: body.replace(b"\n", b"")),
+    st.sampled_from([b"", b" ", b"\r", b"\t \r", b'{"a":1}\r']),
+    st.sampled_from([_LIMIT - 2, _LIMIT - 1, _LIMIT, _LIMIT + 1, 3 * _LIMIT]).map(
+        lambda size: b"y" * size
+    ),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    bodies=st.lists(_line_bodies, max_size=25),
+    last_newline=st.booleans(),
+    block=st.integers(min_value=1, max_value=70),
+    skip=st.integers(min_value=0, max_value=30),
+    compress=st.booleans(),
+)
+def test_any_block_size_reads_lines_as_split_on_newlines(
+    tmp_path: Path, bodies: list[bytes], last_newline: bool, block: int, skip: int, compress: bool
+) -> None:
+    bodies = [b"{}", *bodies]  # JSON first, or a plain file is not taken for JSON lines
+    data = b"\n".join(bodies) + (b"\n" if last_newline else b"")
+    path = _file(tmp_path, data, compress)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(source, "BLOCK_BYTES", block)
+        patch.setattr(source, "MAX_LINE_BYTES", _LIMIT)
+        lines, problems = _read(path, skip=skip)
+    numbered = list(enumerate(bodies, start=1))[skip:]
+    assert lines == [(n, body) for n, body in numbered if len(body) < _LIMIT and body.strip()]
+    ends = {n: last_newline or n < len(bodies) for n, _ in numbered}  # has its newline
+    assert [(p.line, p.reason, p.raw) for p in problems] == [
+        (
+            n,
+            f"line too long ({len(body) + ends[n]:,} bytes; the limit is {_LIMIT:,})",
+            body[:1000],
+        )
+        for n, body in numbered
+        if len(body) >= _LIMIT
     ]
 
 
