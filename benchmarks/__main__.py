@@ -102,15 +102,16 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def delivery_alone(bodies_path: Path, requests: int = 3000) -> float:
-    """The client's own capacity: sealed bodies straight into the sink, at --rate 3000/3,
+def delivery_alone(bodies_path: Path, requests: int = 9000) -> float:
+    """The client's own capacity: sealed bodies straight into the sink, at --rate 3000/3
+    for three budget windows (a shorter run would fit in the first window's burst),
     with the fake in its own process. Tells whether delivery or the pipeline limits (e)."""
     from segreplay.batching import Batch
     from segreplay.client import BrazeSink
     from segreplay.config import DeliveryOptions
     from segreplay.reporting import Summary
 
-    with open(bodies_path, "rb") as file:  # the first few thousand, not all 300 MB
+    with open(bodies_path, "rb") as file:  # the first thousands, not all 300 MB
         bodies = [line.rstrip(b"\n") for line in itertools.islice(file, requests)]
     fake, url = start_fake()
     try:
