@@ -150,7 +150,16 @@ class State:
 
         One query per few hundred keys instead of one per line: per-statement overhead,
         not the B-tree, is what a lookup costs from Python."""
-        self._load([user for user in users if user not in self._users])
+        cache = self._users
+        missing = []
+        for user in users:
+            if user in cache:
+                # Wanted by this chunk: without the touch, loading the missing ones could
+                # evict it before it is used, and it would be read again on its own.
+                cache.move_to_end(user)
+            else:
+                missing.append(user)
+        self._load(missing)
         delivered: set[int] = set()
         for part in _slices(digests):
             delivered.update(

@@ -1,0 +1,35 @@
+"""State's user cache: what a chunk of lines needs stays in memory until it is decided."""
+
+from __future__ import annotations
+
+from segreplay import state as state_module
+from segreplay.state import State
+
+
+def test_prefetch_keeps_the_users_a_chunk_wants(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_module, "_USER_CACHE_SIZE", 3)
+    state = State(str(tmp_path / "state.sqlite"))
+    users = [f"e:u{n}" for n in range(5)]
+    state.commit(1, {user: {"plan": [user, "2024-01-01T00:00:00.000Z"]} for user in users}, [], [])
+    # The cache holds u2, u3 and u4; u2 is the next to go. The chunk wants u2, u0 and u1:
+    # loading u0 and u1 must not push out u2.
+    state.prefetch(["e:u2", "e:u0", "e:u1"], [])
+    statements: list[str] = []
+    state._db.set_trace_callback(statements.append)
+    for user in ("e:u2", "e:u0", "e:u1"):
+        assert state.user_attributes(user) == {"plan": [user, "2024-01-01T00:00:00.000Z"]}
+    assert statements == []  # all three from memory: none read again on its own
+    state.close()
+
+
+def test_a_user_not_prefetched_is_read_when_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_module, "_USER_CACHE_SIZE", 2)
+    state = State(str(tmp_path / "state.sqlite"))
+    state.commit(1, {"e:a": {"k": [1, "t"]}, "e:b": {}, "e:c": {}}, [], [])
+    state.prefetch(["e:b", "e:c"], [])
+    statements: list[str] = []
+    state._db.set_trace_callback(statements.append)
+    assert state.user_attributes("e:a") == {"k": [1, "t"]}
+    assert state.user_attributes("e:never") is None
+    assert len(statements) == 2
+    state.close()
