@@ -17,8 +17,6 @@ from segreplay.pipeline import run_import
 from segreplay.reporting import Reporter
 from segreplay.source import LineReader, ReadProblem, discover
 
-_IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "_update_existing_only"})
-
 
 @dataclass
 class Survey:
