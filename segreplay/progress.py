@@ -62,7 +62,6 @@ class ConsoleReporter:
         self._started = time.monotonic()
         self._last_plain = self._started
         self._bar = None
-        self._console = None
 
     # Reporter --------------------------------------------------------------------------
 
