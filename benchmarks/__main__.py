@@ -107,21 +107,24 @@ def delivery_alone(bodies_path: Path, requests: int = 9000) -> float:
     for three budget windows (a shorter run would fit in the first window's burst),
     with the fake in its own process. Tells whether delivery or the pipeline limits (e)."""
     from segreplay.batching import Batch
-    from segreplay.client import BrazeSink
     from segreplay.config import DeliveryOptions
-    from segreplay.reporting import Summary
+    from segreplay.delivery import braze_sink
 
     with open(bodies_path, "rb") as file:  # the first thousands, not all 300 MB
         bodies = [line.rstrip(b"\n") for line in itertools.islice(file, requests)]
     fake, url = start_fake()
     try:
         options = DeliveryOptions(url, _API_KEY, rate_requests=3000, rate_seconds=3.0)
-        sink = BrazeSink(options, lambda answers: None, Summary())
+        sink = braze_sink(options)
         started = time.perf_counter()
         for seq, body in enumerate(bodies):
             batch = Batch(seq, body=body, count=1)
+            while not sink.has_room(batch):
+                sink.answers(None)
             sink.submit(batch)
-        sink.finish()
+        while sink.in_flight:
+            sink.answers(None)
+        sink.close()
         return len(bodies) / (time.perf_counter() - started)
     finally:
         fake.terminate()
@@ -158,8 +161,8 @@ def _accept_all_state(folder: Path, state: Path) -> None:
     import sqlite3
 
     from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
-    from segreplay.ledger import DrySink
     from segreplay.pipeline import run_import
+    from segreplay.sink import DrySink
     from segreplay.reporting import SilentReporter
 
     config = RunConfig(
@@ -169,7 +172,7 @@ def _accept_all_state(folder: Path, state: Path) -> None:
         mapping=MappingOptions(anonymous="alias"),
         delivery=DeliveryOptions("http://127.0.0.1:9", "unused"),
     )
-    run_import(config, SilentReporter(), lambda settle, summary: DrySink(settle))
+    run_import(config, SilentReporter(), DrySink())
     with sqlite3.connect(state) as db:
         db.execute("UPDATE files SET done = 0")
 

@@ -6,7 +6,6 @@ object per user per request (later updates merge into it), and a body under 4 MB
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from segreplay.config import MAX_BODY_BYTES, MAX_OBJECTS_PER_REQUEST
@@ -22,7 +21,8 @@ _OBJECT_OVERHEAD_BYTES = 512  # identifiers, name, time and punctuation beyond t
 
 @dataclass(slots=True, eq=False)
 class Batch:
-    """One /users/track request in the making, with what it carries for the ledger."""
+    """One /users/track request: its arrays, where each object came from, the digests of
+    its events and purchases, and (once sealed) its body."""
 
     seq: int
     attributes: dict[str, dict] = field(default_factory=dict)  # user -> object
@@ -33,20 +33,12 @@ class Batch:
     purchases: list[dict] = field(default_factory=list)
     purchase_origins: list[Origin] = field(default_factory=list)
     purchase_digests: list[int | None] = field(default_factory=list)
-    # Settled when Braze acknowledges the request (see ledger.Ledger).
-    effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
     # Users whose objects here must reach Braze after their earlier ones: the sink keeps
     # at most one batch in flight for each.
     ordered_users: set[str] = field(default_factory=set)
-    # Files with lines whose decisions wait on this request (the ledger's checkpoints).
-    holds: list = field(default_factory=list)
-    settled: bool = False
     size_estimate: int = _ENVELOPE_BYTES
     count: int = 0  # objects in all three arrays
     body: bytes = b""
-    # The bodies Braze answered for this batch, as sent: the body itself, or its parts
-    # after a 413 split. Written by the sink, read once the batch is settled.
-    answered_bodies: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.count
@@ -77,16 +69,15 @@ class Batch:
 
 
 class Batcher:
-    """Fills one batch at a time; hands each full batch to `on_sealed`."""
+    """Fills one batch at a time; full batches wait in `take_sealed()` for the caller."""
 
     def __init__(
         self,
-        on_sealed: Callable[[Batch], None],
         limit_mode: str = "combined",
         max_objects: int = MAX_OBJECTS_PER_REQUEST,
         max_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        self._on_sealed = on_sealed
+        self._sealed: list[Batch] = []
         self._per_type = limit_mode == "per-type"
         self._max_objects = max_objects
         self._max_bytes = max_bytes
@@ -107,7 +98,12 @@ class Batcher:
             batch.seal()
             self._seq += 1
             self.current = Batch(self._seq)
-            self._on_sealed(batch)
+            self._sealed.append(batch)
+
+    def take_sealed(self) -> list[Batch]:
+        """The batches sealed since the last call, in order."""
+        sealed, self._sealed = self._sealed, []
+        return sealed
 
     def add_attributes(self, user: str, obj: dict, origin: Origin, size: int) -> Batch:
         """Merge into the user's attributes object in this batch, or start one."""

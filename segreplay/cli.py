@@ -15,6 +15,7 @@ from segreplay.config import (
     DEFAULT_DEAD_LETTER_PATH,
     DEFAULT_RATE,
     DEFAULT_STATE_PATH,
+    DEFAULT_STOP_GRACE_S,
     PAGE_MODES,
     DeliveryOptions,
     MappingOptions,
@@ -136,6 +137,15 @@ def cli() -> None:
     type=click.IntRange(1, 64),
     help="Requests in flight at once.",
 )
+@click.option(
+    "--stop-grace",
+    "stop_grace_s",
+    default=DEFAULT_STOP_GRACE_S,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="On SIGINT or SIGTERM, how long to wait for answers to requests in flight.",
+)
 @click.option("--since", metavar="TIME", help="Only calls at or after this event time.")
 @click.option("--until", metavar="TIME", help="Only calls before this event time.")
 @click.option(
@@ -153,7 +163,8 @@ def cli() -> None:
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, pages, screens, anonymous, update_existing_only,
                    purchase_event_too, log_purchase_when_revenue_present, batch_limit, rate,
-                   concurrency, since, until, events_allow, events_deny) -> None:  # fmt: skip
+                   concurrency, stop_grace_s, since, until, events_allow,
+                   events_deny) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -171,12 +182,17 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     advances only on Braze's acknowledgement: after a crash, the same command resumes.
     See docs/delivery.md and docs/state.md.
 
+    Stopping: Ctrl-C or SIGTERM stops reading, waits up to --stop-grace for answers to
+    requests in flight, records them and exits 130 / 143; the same command resumes. A
+    second signal stops at once.
+
     Exit status: 0 all delivered or deliberately skipped; 3 finished, but some lines or
     objects were rejected (see the dead-letter file); 1 stopped on a fatal error (the
-    same command resumes); 2 usage error.
+    same command resumes); 2 usage error; 130 / 143 stopped by SIGINT / SIGTERM.
     """
     from segreplay.pipeline import run_import
     from segreplay.progress import ConsoleReporter
+    from segreplay.stopping import StopNow, StopRequest
 
     try:
         mapping = MappingOptions(
@@ -226,29 +242,41 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     except SegreplayError as error:
         _fail(error)
     reporter = ConsoleReporter()
-    make_sink = None
+    sink = None
     if delivery is not None:
-        from segreplay.client import braze_sink
+        from segreplay.delivery import braze_sink
 
-        make_sink = braze_sink(delivery)
+        sink = braze_sink(delivery)
+    stop = StopRequest()
     try:
-        summary = run_import(config, reporter, make_sink)
+        with stop.installed():
+            summary = run_import(config, reporter, sink, stop, stop_grace_s)
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopNow) as error:
         reporter.finish()
         click.echo(
-            "interrupted: every acknowledged request is in the state; "
-            "run the same command to resume",
+            "stopped at once: every acknowledged request is in the state; requests that "
+            "were in flight may be sent again (docs/state.md); run the same command to resume",
             err=True,
         )
-        sys.exit(130)
+        sys.exit(128 + getattr(error, "signum", 2))
     reporter.summary(summary, dead_letter_path, summary_dead_letters(summary))
     if as_json:
         from segreplay.jsonutil import dumps
 
         click.echo(dumps(summary.to_dict()).decode())
+    if summary.interrupted:
+        abandoned = summary.requests_abandoned
+        click.echo(
+            "stopped: every answered request is recorded in the state"
+            + (f"; {abandoned} requests still unanswered after --stop-grace may be sent "
+               "again" if abandoned else "")
+            + "; run the same command to resume",
+            err=True,
+        )  # fmt: skip
+        sys.exit(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
 

@@ -16,6 +16,7 @@ DEFAULT_STATE_PATH = "segreplay-state.sqlite"
 DEFAULT_DEAD_LETTER_PATH = "segreplay-dead-letter.jsonl"
 DEFAULT_RATE = "1500/3"  # half of Braze's 3,000 per 3 s: live traffic shares the budget
 DEFAULT_CONCURRENCY = 8
+DEFAULT_STOP_GRACE_S = 20.0  # under Kubernetes' 30 s between SIGTERM and SIGKILL
 MAX_OBJECTS_PER_REQUEST = 75
 MAX_BODY_BYTES = 4_000_000  # Braze answers 413 above 4 MB; stay under with margin
 MAX_LINE_BYTES = 1 << 20  # Segment caps a call at 32 KB; a 1 MiB line is not a Segment call
@@ -52,6 +53,23 @@ class MappingOptions:
     events_allow: frozenset[str] = frozenset()
     events_deny: frozenset[str] = frozenset()
 
+    def decides_lines(self) -> str:
+        """The options that decide which lines are sent and as what, as a short readable
+        string: a file read with other ones is read again (cli.md, "Options change what a
+        file means")."""
+        parts = [f"pages={self.pages}", f"screens={self.screens}", f"anonymous={self.anonymous}"]
+        if self.since or self.until:
+            parts.append(f"window={self.since or ''}..{self.until or ''}")
+        if self.events_allow:
+            parts.append("events-allow=" + "|".join(sorted(self.events_allow)))
+        if self.events_deny:
+            parts.append("events-deny=" + "|".join(sorted(self.events_deny)))
+        if self.purchase_event_too:
+            parts.append("purchase-event-too")
+        if self.log_purchase_when_revenue_present:
+            parts.append("log-purchase-when-revenue-present")
+        return " ".join(parts)
+
     def __post_init__(self) -> None:
         _check_choice("--pages", self.pages, PAGE_MODES)
         _check_choice("--screens", self.screens, PAGE_MODES)
@@ -69,6 +87,7 @@ class DeliveryOptions:
     concurrency: int = DEFAULT_CONCURRENCY
     timeout_s: float = 30.0
     max_attempts: int = 8
+    backoff_base_s: float = 0.5  # the first wait after a 5xx or a network error, doubling
 
 
 @dataclass(frozen=True)

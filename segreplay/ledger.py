@@ -4,89 +4,53 @@ Braze's acknowledgement: what each request carries, and what waits on it."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
 
 from segreplay.batching import Batch, Batcher, Origin
-from segreplay.config import RunConfig
+from segreplay.config import MappingOptions
 from segreplay.dedupe import decide_attributes, message_digest
 from segreplay.mapping import Call
-from segreplay.reporting import Change, DeadLetter, Reporter, Summary
+from segreplay.reporting import Summary
 from segreplay.source import ArchiveFile
 from segreplay.state import FileCheckpoint, State
 
 _COMMIT_EVERY_LINES = 20_000  # checkpoint even when nothing is acknowledged (all duplicates)
-_IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "braze_id", "_update_existing_only"})
+
+# An object Braze refused: ("attributes", user) or (array, index).
+RefusedKey = tuple[str, object]
 
 
-@dataclass(slots=True)
-class Refusal:
-    """Braze refused one object of a request (or the whole request: index None)."""
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """What a batch carries for the state, written when Braze acknowledges it."""
 
-    array: str | None
-    index: int | None
-    reason: str
-
-
-class Sink(Protocol):
-    """Takes sealed batches; reports each one's outcome through the `settle` callback
-    it was built with, always on the pipeline's thread."""
-
-    def submit(self, batch: Batch) -> None: ...
-    def finish(self) -> None: ...
-    def close(self) -> None: ...
-
-
-Settle = Callable[[list[tuple["Batch", list[Refusal]]]], None]
-
-
-class DrySink:
-    """A dry run: every request is acknowledged, nothing leaves the machine. Answers are
-    settled in groups, as a live run does with answers that arrive together."""
-
-    GROUP = 32
-
-    def __init__(self, settle: Settle) -> None:
-        self._settle = settle
-        self._answers: list[tuple[Batch, list[Refusal]]] = []
-
-    def submit(self, batch: Batch) -> None:
-        batch.answered_bodies.append(batch.body)
-        self._answers.append((batch, []))
-        if len(self._answers) >= self.GROUP:
-            self.finish()
-
-    def finish(self) -> None:
-        answers, self._answers = self._answers, []
-        if answers:
-            self._settle(answers)
-
-    def close(self) -> None:
-        pass
+    effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
+    settled: bool = False
 
 
 @dataclass(slots=True, eq=False)
 class _FileProgress:
     archive: ArchiveFile
     fingerprint: str
+    options: str  # the fingerprint of the options that decide its lines
     last_line: int = 0  # last line handed to the ledger
     read_all: bool = False
-    # (first line of this file a batch holds, the batch), in line order: a line is
-    # settled once every batch holding it or an earlier line of the file is.
-    held: deque[tuple[int, Batch]] = field(default_factory=deque)
+    # (first line of this file a batch holds, the batch's pending record), in line order:
+    # a line is settled once every batch holding it or an earlier line of the file is.
+    held: deque[tuple[int, _Pending]] = field(default_factory=deque)
+    holders: set[int] = field(default_factory=set)  # ids of the pending records in `held`
     written: tuple[int, bool] | None = None  # (lines_acked, done) as last committed
 
-    def hold(self, batch: Batch, line: int) -> None:
-        """`line`'s decisions wait on `batch` (lines are decided in increasing order)."""
-        if self not in batch.holds:
-            batch.holds.append(self)
-            self.held.append((line, batch))
+    def hold(self, pending: _Pending, line: int) -> None:
+        """`line`'s decisions wait on `pending` (lines are decided in increasing order)."""
+        if id(pending) not in self.holders:
+            self.holders.add(id(pending))
+            self.held.append((line, pending))
 
     def watermark(self) -> int:
         held = self.held
         while held and held[0][1].settled:
-            held.popleft()
+            self.holders.discard(id(held.popleft()[1]))
         return held[0][0] - 1 if held else self.last_line
 
     def checkpoint(self) -> FileCheckpoint | None:
@@ -96,33 +60,35 @@ class _FileProgress:
             return None  # unchanged, or standard input (nothing to resume from)
         self.written = (lines_acked, done)
         archive = self.archive
-        return FileCheckpoint(
-            archive.path, archive.size, self.fingerprint, lines_acked, done, archive.mtime_ns
-        )
+        return FileCheckpoint(archive.path, archive.size, self.fingerprint, lines_acked, done,
+                              archive.mtime_ns, self.options)  # fmt: skip
 
 
 class Ledger:
     """Dedupe decisions and the commit protocol.
 
     Decisions not yet acknowledged live in `_overlay` (the user's attribute view as
-    decided) and `_pending_digests`; each batch carries the effects to write when Braze
-    acknowledges it. Decisions that send nothing (a repeated value moving its time
-    forward) ride on the user's latest unacknowledged batch with attribute effects, or,
-    when there is none, on the next transaction, which also carries the checkpoints
-    that cover them. Batches with attribute effects for a user are `ordered` for it: the
-    sink never has two of them in flight, so they are acknowledged in decision order.
+    decided) and `_pending_digests`; each batch's `_Pending` record holds the effects to
+    write when Braze acknowledges it. Decisions that send nothing (a repeated value
+    moving its time forward) ride on the user's latest unacknowledged batch with
+    attribute effects, or, when there is none, on the next transaction, which also
+    carries the checkpoints that cover them. Batches with attribute effects for a user
+    are `ordered` for it: the sink never has two of them in flight, so they are
+    acknowledged in decision order.
+
+    Decisions and settling never interleave: the caller settles answers only between
+    calls to `decide_chunk`.
     """
 
-    def __init__(self, state: State, run_id: int, config: RunConfig, summary: Summary,
-                 reporter: Reporter, dead_letter: DeadLetter) -> None:  # fmt: skip
+    def __init__(self, state: State, run_id: int, options: MappingOptions, batcher: Batcher,
+                 summary: Summary) -> None:  # fmt: skip
         self._state = state
         self._run_id = run_id
-        self._options = config.mapping
-        self._diff = config.diff
+        self._options = options
+        self._batcher = batcher
         self._summary = summary
-        self._reporter = reporter
-        self._dead_letter = dead_letter
         self._overlay: dict[str, dict] = {}
+        self._pending: dict[Batch, _Pending] = {}
         self._pending_digests: set[int] = set()
         self._attribute_batch: dict[str, Batch] = {}  # latest unsettled, per user
         self._unsettled: dict[str, int] = {}  # unsettled batches carrying anything, per user
@@ -130,18 +96,12 @@ class Ledger:
         self._files: list[_FileProgress] = []
         self._lines_since_commit = 0
         self._delivered: set[int] = set()  # digests of the current chunk already delivered
-        self.batcher = Batcher(self._seal, config.batch_limit)
-        self.sink: Sink = DrySink(self.settle)
-        self.output: BinaryIO | None = None  # --output: every body Braze answered, one per line
-
-    def _seal(self, batch: Batch) -> None:
-        self._summary.requests += 1
-        self.sink.submit(batch)
 
     # files ---------------------------------------------------------------------------
 
-    def open_file(self, archive: ArchiveFile, fingerprint: str, first_line: int) -> _FileProgress:
-        progress = _FileProgress(archive, fingerprint, last_line=first_line)
+    def open_file(self, archive: ArchiveFile, fingerprint: str, options: str,
+                  first_line: int) -> _FileProgress:  # fmt: skip
+        progress = _FileProgress(archive, fingerprint, options, last_line=first_line)
         self._files.append(progress)
         return progress
 
@@ -153,7 +113,8 @@ class Ledger:
 
     def decide_chunk(self, progress: _FileProgress, entries: list) -> None:
         """Decide a chunk of lines, in order: (line, size, Call or None for a line that
-        needs nothing from Braze). State is read for the whole chunk in two queries."""
+        needs nothing from Braze). State is read for the whole chunk in two queries.
+        The batches this fills wait in the batcher's `take_sealed()`."""
         all_digests: list[int] = []
         per_call: list = []
         users = set()
@@ -205,7 +166,7 @@ class Ledger:
             if decision.send or not (known or sent_objects):
                 # A first identify with nothing left to send still creates the profile.
                 obj = {**call.identifier, **decision.send, **self._flags(call)}
-                batch = self.batcher.add_attributes(user, obj, origin, size)
+                batch = self._batcher.add_attributes(user, obj, origin, size)
                 self._attach(batch, user, effects, progress, line)
                 sent_objects += 1
             elif effects:
@@ -228,9 +189,10 @@ class Ledger:
         user = call.user
         index = 0
         attached_to = None
+        batcher = self._batcher
         for objects, add in (
-            (call.events, self.batcher.add_event),
-            (call.purchases, self.batcher.add_purchase),
+            (call.events, batcher.add_event),
+            (call.purchases, batcher.add_purchase),
         ):
             for obj in objects:
                 digest = digests[index] if digests else None
@@ -256,15 +218,18 @@ class Ledger:
                 progress: _FileProgress, line: int) -> None:  # fmt: skip
         """Make `batch` carry the user's attribute `effects` (None for events only) and
         hold `line` of `progress` until the batch is acknowledged."""
-        user_effects = batch.effects.get(user)
+        pending = self._pending.get(batch)
+        if pending is None:
+            pending = self._pending[batch] = _Pending()
+        user_effects = pending.effects.get(user)
         if user_effects is None:
-            user_effects = batch.effects[user] = {}  # even empty: the user becomes known
+            user_effects = pending.effects[user] = {}  # even empty: the user becomes known
             self._unsettled[user] = self._unsettled.get(user, 0) + 1
         if effects is not None:
             user_effects.update(effects)
             self._attribute_batch[user] = batch
             batch.ordered_users.add(user)
-        progress.hold(batch, line)
+        progress.hold(pending, line)
 
     def _flags(self, call: Call) -> dict:
         if self._options.update_existing_only:
@@ -275,23 +240,33 @@ class Ledger:
 
     # acknowledgements ----------------------------------------------------------------
 
-    def settle(self, answers: list[tuple[Batch, list[Refusal]]]) -> None:
-        """Braze answered these batches: in one transaction, write what they carried and
-        Braze accepted; dead-letter what it refused."""
+    def settle(self, acknowledged: list[tuple[Batch, set[RefusedKey]]]) -> None:
+        """Braze answered these batches, refusing the objects named: in one transaction,
+        write what they carried and Braze accepted."""
         effects: dict[str, dict] = {}
         digests: list[int] = []
-        for batch, refusals in answers:
-            self._settle_one(batch, refusals, effects, digests)
-            if self.output is not None:
-                self.output.writelines(body + b"\n" for body in batch.answered_bodies)
+        settled = []
+        for batch, refused in acknowledged:
+            pending = self._pending.pop(batch, None) or _Pending()
+            for user, user_effects in pending.effects.items():
+                if ("attributes", user) not in refused:
+                    effects.setdefault(user, {}).update(user_effects)
+            for array, digest_list in (
+                ("events", batch.event_digests),
+                ("purchases", batch.purchase_digests),
+            ):
+                digests += [
+                    digest
+                    for index, digest in enumerate(digest_list)
+                    if digest is not None and (array, index) not in refused
+                ]
+            pending.settled = True
+            settled.append((batch, pending))
         self.commit(effects, digests)
-        # The chunk being decided prefetched its delivered digests before these answers
-        # came: without this, a repeat later in the chunk is in neither set and resent.
-        self._delivered.update(digests)
-        for batch, _refusals in answers:
+        for batch, pending in settled:
             self._pending_digests.difference_update(batch.event_digests)
             self._pending_digests.difference_update(batch.purchase_digests)
-            for user in batch.effects:
+            for user in pending.effects:
                 if self._attribute_batch.get(user) is batch:
                     del self._attribute_batch[user]
                 left = self._unsettled[user] - 1
@@ -300,65 +275,6 @@ class Ledger:
                 else:
                     del self._unsettled[user]
                     self._overlay.pop(user, None)
-
-    def _settle_one(
-        self, batch: Batch, refusals: list[Refusal], effects: dict, digests: list
-    ) -> None:
-        refused = self._record_refusals(batch, refusals)
-        summary = self._summary
-        if self._diff:
-            self._report_changes(batch, refused)
-        for user, obj in batch.attributes.items():
-            if ("attributes", user) not in refused:
-                summary.attributes_sent += len(obj) - len(_IDENTIFIER_KEYS.intersection(obj))
-        for user, user_effects in batch.effects.items():
-            if ("attributes", user) not in refused:
-                effects.setdefault(user, {}).update(user_effects)
-        # Whole arrays at once: refusals are rare, a per-object loop is not.
-        for array, digest_list in (
-            ("events", batch.event_digests),
-            ("purchases", batch.purchase_digests),
-        ):
-            refused_here = {index for name, index in refused if name == array}
-            if refused_here:
-                kept = [d for i, d in enumerate(digest_list) if i not in refused_here]
-            else:
-                kept = digest_list
-            digests += [digest for digest in kept if digest is not None]
-            if array == "events":
-                summary.events_sent += len(kept)
-            else:
-                summary.purchases_sent += len(kept)
-        batch.settled = True
-
-    def _record_refusals(self, batch: Batch, refusals: list[Refusal]) -> set:
-        refused: set = set()
-        if not refusals:
-            return refused
-        arrays = batch.arrays()
-        for refusal in refusals:
-            if refusal.index is None:  # the whole request
-                targets = [(name, i) for name, objs in arrays.items() for i in range(len(objs))]
-            else:
-                targets = [(refusal.array, refusal.index)]
-            for array, index in targets:
-                objects = arrays.get(array, [])
-                if index >= len(objects):
-                    continue
-                key = (
-                    ("attributes", list(batch.attributes)[index])
-                    if array == "attributes"
-                    else (array, index)
-                )
-                if key in refused:
-                    continue
-                refused.add(key)
-                self._summary.rejected += 1
-                path, line = batch.origin(array, index) or ("?", 0)
-                self._dead_letter.write(
-                    path, line, "refused by Braze", refusal.reason, objects[index]
-                )
-        return refused
 
     def commit(self, effects: dict | None = None, digests: list[int] | None = None) -> None:
         """One transaction: a batch's effects, decisions waiting for one, checkpoints."""
@@ -378,40 +294,3 @@ class Ledger:
             if user not in self._unsettled:
                 self._overlay.pop(user, None)
         self._lines_since_commit = 0
-
-    def _report_changes(self, batch: Batch, refused: set) -> None:
-        changes = []
-        for user, obj in batch.attributes.items():
-            if ("attributes", user) in refused:
-                continue
-            before = self._state.user_attributes(user) or {}
-            for key, value in obj.items():
-                if key in _IDENTIFIER_KEYS:
-                    continue
-                prior = before.get(key)
-                changes.append(
-                    Change(
-                        user,
-                        "attribute",
-                        key,
-                        prior[0] if prior else None,
-                        value,
-                        prior is not None,
-                    )
-                )
-        for array, what, name_key in (
-            ("events", "event", "name"),
-            ("purchases", "purchase", "product_id"),
-        ):
-            for index, obj in enumerate(getattr(batch, array)):
-                if (array, index) not in refused:
-                    user = _user_key(obj)
-                    changes.append(Change(user, what, obj[name_key], new=obj))
-        if changes:
-            self._reporter.changes(changes)
-
-
-def _user_key(obj: dict) -> str:
-    if "external_id" in obj:
-        return "e:" + obj["external_id"]
-    return "a:" + obj["user_alias"]["alias_name"]

@@ -6,6 +6,7 @@ No I/O and no state here: deduplication against what was already sent happens la
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from segreplay.config import MappingOptions
@@ -77,11 +78,22 @@ class Rejected:
     reason: str
 
 
+class SkipReason(enum.StrEnum):
+    """Why a line is deliberately not replayed; the value is its summary count's name."""
+
+    ANONYMOUS = "skipped_anonymous"
+    ALIAS = "skipped_alias"
+    PAGE = "skipped_pages"
+    SCREEN = "skipped_screens"
+    OUTSIDE_WINDOW = "outside_window"
+    FILTERED = "filtered"
+
+
 @dataclass(slots=True)
 class Skipped:
-    """A line deliberately not replayed; `counter` names the summary count it adds to."""
+    """A line deliberately not replayed."""
 
-    counter: str
+    reason: SkipReason
 
 
 class Call:
@@ -130,14 +142,14 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
             return Rejected("missing type")
         return Rejected(f"type must be a string, not {_json_type(kind)}")
     if kind == "alias":
-        return Skipped("skipped_alias")
+        return Skipped(SkipReason.ALIAS)
     mapper = _MAPPERS.get(kind)
     if mapper is None:
         return Rejected(f"unknown type {kind!r}")
     if kind in ("page", "screen"):
         mode = options.pages if kind == "page" else options.screens
         if mode == "none" or (mode == "named" and not _nonblank(record.get("name"))):
-            return Skipped(f"skipped_{kind}s")
+            return Skipped(SkipReason.PAGE if kind == "page" else SkipReason.SCREEN)
 
     identity = _identity(record, options)
     if not isinstance(identity, tuple):
@@ -151,7 +163,7 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
     if time is None:
         return Rejected("no parseable time in timestamp, originalTimestamp or receivedAt")
     if (options.since and time < options.since) or (options.until and time >= options.until):
-        return Skipped("outside_window")
+        return Skipped(SkipReason.OUTSIDE_WINDOW)
     message_id = record.get("messageId")
     if message_id is not None and not isinstance(message_id, str):
         message_id = str(message_id)
@@ -175,12 +187,12 @@ def _identity(record: dict, options: MappingOptions) -> tuple[str, dict] | Mappe
             return Rejected(f"userId is longer than {MAX_EXTERNAL_ID_BYTES} bytes")
         return "e:" + external_id, {"external_id": external_id}
     if options.anonymous == "skip":
-        return Skipped("skipped_anonymous")
+        return Skipped(SkipReason.ANONYMOUS)
     anonymous_id = record.get("anonymousId")
     if isinstance(anonymous_id, int | float) and not isinstance(anonymous_id, bool):
         anonymous_id = str(anonymous_id)
     if not isinstance(anonymous_id, str) or not anonymous_id.strip():
-        return Skipped("skipped_anonymous")
+        return Skipped(SkipReason.ANONYMOUS)
     anonymous_id = anonymous_id.strip()
     return "a:" + anonymous_id, {
         "user_alias": {"alias_name": anonymous_id, "alias_label": ALIAS_LABEL}
@@ -340,7 +352,7 @@ def _map_track(record: dict, call: Call, options: MappingOptions) -> Mapped:
     if not _nonblank(name):
         return Rejected("track without an event name")
     if not _allowed(name, options):
-        return Skipped("filtered")
+        return Skipped(SkipReason.FILTERED)
     properties = _object_field(record, "properties")
     if type(properties) is Rejected:
         return properties
@@ -463,7 +475,7 @@ def _map_page(record: dict, call: Call, options: MappingOptions) -> Mapped:
     else:
         event_name = f"Loaded a {noun}"
     if not _allowed(event_name, options):
-        return Skipped("filtered")
+        return Skipped(SkipReason.FILTERED)
     properties = _object_field(record, "properties")
     if type(properties) is Rejected:
         return properties

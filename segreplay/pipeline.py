@@ -1,36 +1,241 @@
 """Wires the stages of a replay: source -> mapping -> dedupe (ledger.py) -> batching ->
-sink (Braze, or a dry run), over the state a run works on."""
+sink (Braze, or a dry run), and settles the answers, over the state a run works on.
+
+One loop owns the batcher, the sink and the output: it decides a chunk of lines, submits
+the batches that sealed, and settles the answers that arrived, in that order, so nothing
+is ever settled while a line is half decided.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 import time as _time
-from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
 from datetime import UTC, datetime
 
-from segreplay.config import RunConfig
+from segreplay.batching import Batcher
+from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
-from segreplay.jsonutil import JSONDecodeError, loads
-from segreplay.ledger import Ledger, Settle, Sink
-from segreplay.mapping import Call, Skipped, map_call
+from segreplay.ledger import Ledger
+from segreplay.mapping import Call, Rejected, Skipped
+from segreplay.reading import Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
-from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover
+from segreplay.settling import Settler
+from segreplay.sink import DrySink, Sink
+from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
 from segreplay.state import State, StateLock
+from segreplay.stopping import StopNow, StopRequest
 from segreplay.times import format_time
 
-_FINGERPRINT_BYTES = 65536
 _CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
+_POLL_S = 0.2  # a wait for answers looks at stop requests this often
 
 
-def _fingerprint(archive: ArchiveFile) -> str:
-    if archive.size is None:
-        return ""
-    with open(archive.path, "rb") as file:
-        return hashlib.blake2b(file.read(_FINGERPRINT_BYTES), digest_size=16).hexdigest()
+def run_import(
+    config: RunConfig,
+    reporter: Reporter,
+    sink: Sink | None = None,
+    stop: StopRequest | None = None,
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+) -> Summary:
+    """Replay `config.sources` into `sink` (a dry run when None; closed here). Returns
+    the summary, with `interrupted` set when `stop` was requested; raises
+    SegreplayError when the run cannot go on."""
+    started = _time.monotonic()
+    archives = discover(config.sources)
+    _check_folder("--output", config.output_path)
+    _check_folder("--dead-letter", config.dead_letter_path)
+    if not config.dry_run:
+        _check_folder("--state", config.state_path)
+    summary = Summary(dry_run=config.dry_run, files=len(archives))
+    with ExitStack() as stack:
+        sink = sink or DrySink()
+        stack.callback(sink.close)
+        state = open_state(config, stack)
+        dead_letter = DeadLetter(config.dead_letter_path, reporter)
+        stack.callback(dead_letter.close)
+        output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
+        run_id = state.start_run(_now())
+        status = "failed"
+        try:
+            replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
+                             stop or StopRequest(), stop_grace_s)  # fmt: skip
+            replay.run(archives)
+            status = "interrupted" if summary.interrupted else "finished"
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt | StopNow):
+                status = "interrupted"
+            raise
+        finally:
+            summary.users = state.users_in_run(run_id)
+            summary.elapsed_s = _time.monotonic() - started
+            state.finish_run(run_id, _now(), status, summary.to_dict())
+    return summary
+
+
+class _Replay:
+    """The loop: files -> chunks of decided lines -> batches submitted -> answers settled."""
+
+    def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
+                 reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
+                 stop: StopRequest, stop_grace_s: float) -> None:  # fmt: skip
+        self._config = config
+        self._state = state
+        self._summary = summary
+        self._reporter = reporter
+        self._dead_letter = dead_letter
+        self._sink = sink
+        self._stop = stop
+        self._stop_grace_s = stop_grace_s
+        self._batcher = Batcher(config.batch_limit)
+        self._ledger = Ledger(state, run_id, config.mapping, self._batcher, summary)
+        self._settler = Settler(self._ledger, summary, dead_letter, reporter, output,
+                                state if config.diff else None)  # fmt: skip
+        self._bytes_before = 0
+        self._bytes_total = 0
+        self._reader: LineReader | None = None  # the file being read
+
+    def _halted(self) -> bool:
+        return self._stop.requested or self._sink.error is not None
+
+    def run(self, archives: list[ArchiveFile]) -> None:
+        self._bytes_total = sum(a.size or 0 for a in archives)
+        for archive in archives:
+            if self._halted():
+                break
+            self._replay_file(archive)
+        if not self._halted():
+            self._batcher.flush()
+            self._submit_sealed()
+        self._drain()
+        self._ledger.commit()
+        self._report_progress(final=not self._halted())
+        if self._sink.error is not None:
+            raise self._sink.error
+        self._summary.interrupted = self._stop.requested
+
+    def _replay_file(self, archive: ArchiveFile) -> None:
+        summary = self._summary
+        options = self._config.mapping.decides_lines()
+        point = self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
+                                         lambda: fingerprint(archive), options)  # fmt: skip
+        if point.done:
+            summary.files_already_done += 1
+            self._bytes_before += archive.size or 0
+            return
+        summary.lines_already_done += point.skip
+        progress = self._ledger.open_file(archive, point.fingerprint, options, point.skip)
+        reader = LineReader(archive, self._on_problem)
+        self._reader = reader
+        dead_letter = self._dead_letter
+        path = archive.path
+        chunk: list = []
+        add = chunk.append
+        for number, raw, record, mapped in mapped_lines(reader, self._config.mapping, point.skip):
+            if len(chunk) >= _CHUNK_LINES:
+                self._decide(progress, chunk)
+                if self._halted():
+                    return  # the rest of the file is read again by the next run
+                chunk = []
+                add = chunk.append
+            kind = type(mapped)
+            if kind is Call:
+                if mapped.drops or mapped.rejected_objects:
+                    self._dead_letter_parts(path, number, mapped, record)
+                add((number, len(raw), mapped))
+                continue
+            if kind is Skipped:
+                summary.skip(mapped.reason)
+            elif kind is Rejected:
+                summary.rejected += 1
+                dead_letter.write(path, number, "rejected", mapped.reason, record)
+            else:
+                assert kind is Invalid
+                summary.invalid += 1
+                dead_letter.write(path, number, "invalid", mapped.reason, invalid_record(raw))
+            add((number, 0, None))
+        self._decide(progress, chunk)
+        if self._halted():
+            return
+        self._bytes_before += archive.size or reader.bytes_read
+        summary.bytes_read = self._bytes_before
+        self._ledger.close_file(progress)
+
+    def _decide(self, progress, chunk: list) -> None:
+        """Decide a chunk of lines, submit the batches it sealed, settle what answered."""
+        self._summary.lines += len(chunk)
+        self._ledger.decide_chunk(progress, chunk)
+        self._submit_sealed()
+        self._settle(self._sink.answers(0))
+        self._report_progress()
+
+    def _submit_sealed(self) -> None:
+        sink = self._sink
+        for batch in self._batcher.take_sealed():
+            while not sink.has_room(batch):
+                self._settle(sink.answers(_POLL_S))
+                if self._halted():
+                    return  # never sent: their lines stay unacknowledged
+            sink.submit(batch)
+            self._summary.requests += 1
+
+    def _drain(self) -> None:
+        """Settle every answer still to come; once stopping, wait at most the grace
+        period for requests already on the wire."""
+        sink = self._sink
+        deadline = None
+        while sink.in_flight:
+            if self._halted() and deadline is None:
+                sink.stop()  # no new attempts; what is on the wire may still answer
+                grace = self._stop_grace_s if self._stop.requested else float("inf")
+                deadline = _time.monotonic() + grace
+            wait_s = _POLL_S
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - _time.monotonic())
+                if wait_s <= 0:
+                    self._summary.requests_abandoned = sink.in_flight
+                    break
+            self._settle(sink.answers(wait_s))
+
+    def _settle(self, answers: list) -> None:
+        for notice in self._sink.notices():
+            self._reporter.notice(f"Braze: {notice}")
+        self._settler.settle(answers)
+
+    def _report_progress(self, final: bool = False) -> None:
+        reader = self._reader
+        done = (
+            self._bytes_total
+            if final
+            else self._bytes_before + (reader.bytes_read if reader is not None else 0)
+        )
+        self._reporter.progress(self._summary, done, self._bytes_total)
+
+    def _on_problem(self, problem: ReadProblem) -> None:
+        summary = self._summary
+        if problem.skipped_file:
+            summary.files_skipped += 1
+            kind = "skipped file"
+        elif problem.truncated:
+            summary.files_truncated += 1
+            kind = "truncated file"
+        else:
+            summary.invalid += 1
+            kind = "invalid"
+        record = problem.raw.decode("utf-8", "backslashreplace") if problem.raw else None
+        self._dead_letter.write(problem.path, problem.line, kind, problem.reason, record)
+
+    def _dead_letter_parts(self, path: str, number: int, call: Call, record: dict) -> None:
+        summary = self._summary
+        for drop in call.drops:
+            summary.fields_dropped += 1
+            self._dead_letter.write(path, number, "dropped field", drop.reason, record,
+                                    key=drop.key)  # fmt: skip
+        for rejection in call.rejected_objects:
+            summary.rejected += 1
+            self._dead_letter.write(path, number, "rejected", rejection.reason, record)
 
 
 def _check_folder(option: str, path: str | None) -> None:
@@ -48,188 +253,20 @@ def _now() -> str:
     return format_time(datetime.now(UTC))
 
 
-def run_import(
-    config: RunConfig,
-    reporter: Reporter,
-    make_sink: Callable[[Settle, Summary], Sink] | None = None,
-) -> Summary:
-    """Replay `config.sources`; `make_sink(settle, summary)` builds the delivery sink
-    (a dry run when None). Returns the summary; raises SegreplayError when it stops."""
-    started = _time.monotonic()
-    archives = discover(config.sources)
-    _check_folder("--output", config.output_path)
-    _check_folder("--dead-letter", config.dead_letter_path)
+def open_state(config: RunConfig, stack: ExitStack) -> State:
+    """The state a run works on, closed with `stack`. A dry run works on a private copy,
+    then drops it, so it sees everything earlier runs delivered and never changes the
+    real file."""
     if not config.dry_run:
-        _check_folder("--state", config.state_path)
-    summary = Summary(dry_run=config.dry_run, files=len(archives))
-    session = open_state(config)
-    state = session.state
-    dead_letter = DeadLetter(config.dead_letter_path, reporter)
-    output = open(config.output_path, "wb") if config.output_path else None  # noqa: SIM115
-    run_id = state.start_run(_now())
-    status = "failed"
-    ledger = None
-    try:
-        ledger = Ledger(state, run_id, config, summary, reporter, dead_letter)
-        if make_sink is not None:
-            ledger.sink = make_sink(ledger.settle, summary)
-        ledger.output = output
-        _replay(archives, config, state, ledger, summary, reporter, dead_letter)
-        ledger.batcher.flush()
-        ledger.sink.finish()
-        ledger.commit()
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        if ledger is not None:
-            ledger.sink.close()
-        summary.users = state.users_in_run(run_id)
-        summary.elapsed_s = _time.monotonic() - started
-        state.finish_run(run_id, _now(), status, summary.to_dict())
-        dead_letter.close()
-        if output is not None:
-            output.close()
-        session.close()
-    return summary
-
-
-def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> None:
-    bytes_total = sum(a.size or 0 for a in archives)
-    bytes_before = 0
-    options = config.mapping
-
-    def on_problem(problem: ReadProblem) -> None:
-        if problem.skipped_file:
-            summary.files_skipped += 1
-            kind = "skipped file"
-        elif problem.truncated:
-            summary.files_truncated += 1
-            kind = "truncated file"
-        else:
-            summary.invalid += 1
-            kind = "invalid"
-        record = problem.raw.decode("utf-8", "backslashreplace") if problem.raw else None
-        dead_letter.write(problem.path, problem.line, kind, problem.reason, record)
-
-    for archive in archives:
-        skip = 0
-        checkpoint = state.checkpoint(archive.path) if archive.size is not None else None
-        if (
-            checkpoint is not None
-            and checkpoint.size == archive.size
-            and checkpoint.mtime_ns == archive.mtime_ns
-        ):
-            fingerprint = checkpoint.fingerprint  # untouched since: no need to read it
-        else:
-            fingerprint = _fingerprint(archive)
-        if (
-            checkpoint is not None
-            and checkpoint.size == archive.size
-            and checkpoint.fingerprint == fingerprint
-        ):
-            if checkpoint.done:
-                summary.files_already_done += 1
-                bytes_before += archive.size
-                continue
-            skip = checkpoint.lines_acked
-            summary.lines_already_done += skip
-        progress = ledger.open_file(archive, fingerprint, skip)
-        reader = LineReader(archive, on_problem)
-        path = archive.path
-        chunk: list = []
-        add = chunk.append
-        for number, raw in reader.lines(skip):
-            if len(chunk) >= _CHUNK_LINES:
-                summary.lines += len(chunk)
-                ledger.decide_chunk(progress, chunk)
-                chunk = []
-                add = chunk.append
-                reporter.progress(summary, bytes_before + reader.bytes_read, bytes_total)
-            try:
-                record = loads(raw)
-            except JSONDecodeError as error:
-                _reject_line(dead_letter, summary, path, number, _json_problem(error), raw)
-                add((number, 0, None))
-                continue
-            if type(record) is not dict:
-                _reject_line(dead_letter, summary, path, number, "not a JSON object", raw)
-                add((number, 0, None))
-                continue
-            mapped = map_call(record, options, len(raw))
-            if type(mapped) is Call:
-                if mapped.drops or mapped.rejected_objects:
-                    _dead_letter_parts(dead_letter, summary, path, number, mapped, record)
-                add((number, len(raw), mapped))
-                continue
-            if type(mapped) is Skipped:
-                setattr(summary, mapped.counter, getattr(summary, mapped.counter) + 1)
-            else:
-                summary.rejected += 1
-                dead_letter.write(path, number, "rejected", mapped.reason, record)
-            add((number, 0, None))
-        summary.lines += len(chunk)
-        ledger.decide_chunk(progress, chunk)
-        bytes_before += archive.size or reader.bytes_read
-        summary.bytes_read = bytes_before
-        ledger.close_file(progress)
-    reporter.progress(summary, bytes_total, bytes_total)
-
-
-def _dead_letter_parts(dead_letter, summary, path, number, call: Call, record: dict) -> None:
-    for drop in call.drops:
-        summary.fields_dropped += 1
-        dead_letter.write(path, number, "dropped field", drop.reason, record, key=drop.key)
-    for rejection in call.rejected_objects:
-        summary.rejected += 1
-        dead_letter.write(path, number, "rejected", rejection.reason, record)
-
-
-def _json_problem(error: JSONDecodeError) -> str:
-    message = str(error)
-    if "utf-8" in message.lower() or "surrogate" in message.lower():
-        return "invalid UTF-8"
-    return f"invalid JSON: {message}"
-
-
-def _reject_line(dead_letter, summary, path, number, reason, raw: bytes) -> None:
-    summary.invalid += 1
-    record = raw[:10_000].decode("utf-8", "backslashreplace")
-    dead_letter.write(path, number, "invalid", reason, record)
-
-
-@dataclass
-class _StateSession:
-    state: State
-    close: Callable[[], None]
-
-
-def open_state(config: RunConfig) -> _StateSession:
-    """The state a run works on. A dry run works on a private copy, then drops it, so
-    it sees everything earlier runs delivered and never changes the real file."""
-    if not config.dry_run:
-        lock = StateLock(config.state_path)
-        lock.__enter__()
-        try:
-            state = State(config.state_path)
-        except BaseException:
-            lock.__exit__()
-            raise
-
-        def close() -> None:
-            state.close()
-            lock.__exit__()
-
-        return _StateSession(state, close)
+        stack.enter_context(StateLock(config.state_path))
+        state = State(config.state_path)
+        stack.callback(state.close)
+        return state
     folder = tempfile.mkdtemp(prefix="segreplay-dry-run-")
+    stack.callback(shutil.rmtree, folder, ignore_errors=True)
     scratch = os.path.join(folder, "state.sqlite")
     if os.path.exists(config.state_path):
         State.snapshot(config.state_path, scratch)
     state = State(scratch, durable=False)
-
-    def close_scratch() -> None:
-        state.close()
-        shutil.rmtree(folder, ignore_errors=True)
-
-    return _StateSession(state, close_scratch)
+    stack.callback(state.close)
+    return state

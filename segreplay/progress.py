@@ -74,6 +74,9 @@ class ConsoleReporter:
         elif self._problems == MAX_PROBLEM_MESSAGES + 1:
             self._write("... more problems are in the dead-letter file only")
 
+    def notice(self, message: str) -> None:
+        self._write(f"warning: {message}")
+
     def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
         if self._tty:
             self._rich_progress(summary, bytes_done, bytes_total)

@@ -3,10 +3,12 @@ them through (the CLI's lives in progress.py), and the dead-letter file."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from segreplay.jsonutil import dumps
+from segreplay.mapping import SkipReason
 
 
 @dataclass
@@ -14,18 +16,14 @@ class Summary:
     """The run's counts; `to_dict` gives the --json object (cli.md names the keys)."""
 
     lines: int = 0
-    skipped_anonymous: int = 0
-    skipped_alias: int = 0
-    skipped_pages: int = 0
-    skipped_screens: int = 0
-    outside_window: int = 0
-    filtered: int = 0
+    skips: Counter = field(default_factory=Counter)  # SkipReason -> lines
     duplicates: int = 0
     invalid: int = 0
     rejected: int = 0
     fields_dropped: int = 0
     users: int = 0
-    requests: int = 0
+    requests: int = 0  # sent (a dry run: sealed)
+    requests_acknowledged: int = 0
     attributes_sent: int = 0
     attributes_unchanged: int = 0
     attributes_outdated: int = 0
@@ -39,8 +37,13 @@ class Summary:
     files_already_done: int = 0
     lines_already_done: int = 0
     bytes_read: int = 0
+    requests_abandoned: int = 0  # still unanswered when a stop's grace period ended
     elapsed_s: float = 0.0
     dry_run: bool = False
+    interrupted: bool = False  # stopped by SIGINT or SIGTERM before the end
+
+    def skip(self, reason: SkipReason) -> None:
+        self.skips[reason] += 1
 
     @property
     def data_points(self) -> int:
@@ -52,6 +55,9 @@ class Summary:
 
     def to_dict(self) -> dict:
         summary = asdict(self)
+        del summary["skips"]
+        for reason in SkipReason:
+            summary[reason.value] = self.skips[reason]
         summary["elapsed_s"] = round(self.elapsed_s, 3)
         summary["data_points"] = self.data_points
         return summary
@@ -73,12 +79,16 @@ class Reporter(Protocol):
     """How the pipeline talks to a person. The CLI supplies one; tests may use Silent."""
 
     def problem(self, record: dict) -> None: ...
+    def notice(self, message: str) -> None: ...
     def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None: ...
     def changes(self, changes: list[Change]) -> None: ...
 
 
 class SilentReporter:
     def problem(self, record: dict) -> None:
+        pass
+
+    def notice(self, message: str) -> None:
         pass
 
     def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:

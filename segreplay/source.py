@@ -7,6 +7,7 @@ Problems (unreadable files, truncated gzip, over-long lines) go to a callback, n
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import os
 import sys
@@ -47,6 +48,18 @@ class ArchiveFile:
     path: str  # as found; "-" is standard input
     size: int | None  # None for standard input
     mtime_ns: int | None = None
+
+
+_FINGERPRINT_BYTES = 65536
+
+
+def fingerprint(archive: ArchiveFile) -> str:
+    """A digest of the file's first bytes: with its size, how a file is recognised again
+    (a rotated or rewritten file at the same path is not)."""
+    if archive.size is None:
+        return ""
+    with open(archive.path, "rb") as file:
+        return hashlib.blake2b(file.read(_FINGERPRINT_BYTES), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

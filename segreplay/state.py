@@ -9,14 +9,15 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from segreplay.config import MappingOptions
 from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _USER_CACHE_SIZE = 10_000  # committed attribute rows kept in memory: bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
@@ -47,7 +48,12 @@ _MIGRATIONS: dict[int, str] = {
     # A file whose size and modification time are unchanged is not read again just to
     # fingerprint it: a cron run over years of files stays cheap.
     2: "ALTER TABLE files ADD COLUMN mtime_ns INTEGER",
+    # The options that decided a file's lines (MappingOptions.decides_lines): a run with
+    # other options reads the file again. NULL: read by a version that did not record
+    # them, taken as the defaults.
+    3: "ALTER TABLE files ADD COLUMN options TEXT",
 }
+_DEFAULT_OPTIONS = MappingOptions().decides_lines()
 
 
 _QUERY_KEYS = 500  # bound parameters per IN (...) query
@@ -61,6 +67,13 @@ def _marks(keys: list) -> str:
     return ",".join("?" * len(keys))
 
 
+_FILE_COLUMNS = "path, size, fingerprint, lines_acked, done, mtime_ns, options"
+
+
+def _checkpoint(row) -> FileCheckpoint:
+    return FileCheckpoint(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6])
+
+
 @dataclass(frozen=True, slots=True)
 class FileCheckpoint:
     path: str
@@ -69,6 +82,16 @@ class FileCheckpoint:
     lines_acked: int
     done: bool
     mtime_ns: int | None = None
+    options: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a run starts in a file: `skip` lines already settled, or all of it `done`."""
+
+    fingerprint: str
+    skip: int = 0
+    done: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,16 +207,33 @@ class State:
 
     def checkpoint(self, path: str) -> FileCheckpoint | None:
         row = self._db.execute(
-            "SELECT path, size, fingerprint, lines_acked, done, mtime_ns FROM files WHERE path=?",
-            (path,),
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE path=?", (path,)
         ).fetchone()
-        return FileCheckpoint(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
+        return _checkpoint(row) if row else None
 
     def checkpoints(self) -> list[FileCheckpoint]:
-        rows = self._db.execute(
-            "SELECT path, size, fingerprint, lines_acked, done, mtime_ns FROM files ORDER BY path"
-        )
-        return [FileCheckpoint(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+        rows = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY path")
+        return [_checkpoint(row) for row in rows]
+
+    def resume_point(self, path: str, size: int | None, mtime_ns: int | None,
+                     fingerprint: Callable[[], str], options: str) -> ResumePoint:  # fmt: skip
+        """Where to start reading a file: after the lines settled by earlier runs with
+        the same `options`, if it is the same file (size and first bytes; a file whose
+        size and modification time are unchanged is not read to fingerprint it)."""
+        if size is None:
+            return ResumePoint("")  # standard input: nothing to resume from
+        checkpoint = self.checkpoint(path)
+        if checkpoint is None:
+            return ResumePoint(fingerprint())
+        if checkpoint.size == size and checkpoint.mtime_ns == mtime_ns:
+            current = checkpoint.fingerprint  # untouched since
+        else:
+            current = fingerprint()
+        if checkpoint.size != size or checkpoint.fingerprint != current:
+            return ResumePoint(current)
+        if (checkpoint.options or _DEFAULT_OPTIONS) != options:
+            return ResumePoint(current)  # other options: its lines mean something else now
+        return ResumePoint(current, checkpoint.lines_acked, checkpoint.done)
 
     def runs(self, limit: int = 10) -> list[RunRecord]:
         rows = self._db.execute(
@@ -213,16 +253,21 @@ class State:
         }
 
     def report(self, runs: int = 10) -> dict:
-        """What `segreplay status` shows: counts, partly done files, the last runs."""
+        """What `segreplay status` shows: counts, partly done files, the options files
+        were read with, the last runs."""
+        checkpoints = self.checkpoints()
         return {
             "state": self.path,
             "schema_version": self.schema_version,
             **self.counts(),
             "files_in_progress": [
                 {"path": c.path, "lines_acked": c.lines_acked}
-                for c in self.checkpoints()
+                for c in checkpoints
                 if not c.done
             ],
+            "files_by_options": dict(
+                Counter(c.options or _DEFAULT_OPTIONS for c in checkpoints).most_common()
+            ),
             "runs": [
                 {"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
                  "status": r.status, "summary": r.summary}
@@ -290,13 +335,22 @@ class State:
                 "INSERT OR IGNORE INTO delivered (hash) VALUES (?)", ((d,) for d in digests)
             )
             db.executemany(
-                "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+                "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns, "
+                "options) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
                 "size=excluded.size, fingerprint=excluded.fingerprint, "
                 "lines_acked=excluded.lines_acked, done=excluded.done, run_id=excluded.run_id, "
-                "mtime_ns=excluded.mtime_ns",
+                "mtime_ns=excluded.mtime_ns, options=excluded.options",
                 (
-                    (c.path, c.size, c.fingerprint, c.lines_acked, int(c.done), run_id, c.mtime_ns)
+                    (
+                        c.path,
+                        c.size,
+                        c.fingerprint,
+                        c.lines_acked,
+                        int(c.done),
+                        run_id,
+                        c.mtime_ns,
+                        c.options,
+                    )
                     for c in checkpoints
                 ),
             )

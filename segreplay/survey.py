@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, replace
 
 from segreplay.config import RunConfig
 from segreplay.dedupe import message_digest
-from segreplay.jsonutil import JSONDecodeError, dumps_canonical, loads
-from segreplay.mapping import UNMAPPED_ADDRESS_KEYS, Call, Rejected, Skipped, map_call
+from segreplay.jsonutil import dumps_canonical
+from segreplay.mapping import UNMAPPED_ADDRESS_KEYS, Call, Rejected, Skipped, SkipReason
 from segreplay.pipeline import run_import
+from segreplay.reading import Invalid, mapped_lines
 from segreplay.reporting import Reporter
 from segreplay.source import LineReader, ReadProblem, discover
 
@@ -89,17 +90,11 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
         result.problems[problem.reason.split(" (")[0]] += 1
 
     for archive in archives:
-        for _number, raw in LineReader(archive, on_problem).lines():
+        for _number, _raw, record, mapped in mapped_lines(LineReader(archive, on_problem), options):
             result.lines += 1
-            try:
-                record = loads(raw)
-            except JSONDecodeError:
+            if type(mapped) is Invalid:
                 result.invalid += 1
-                result.problems["invalid JSON or UTF-8"] += 1
-                continue
-            if type(record) is not dict:
-                result.invalid += 1
-                result.problems["not a JSON object"] += 1
+                result.problems[mapped.reason.split(":")[0]] += 1
                 continue
             result.by_type[str(record.get("type") or "(missing)")] += 1
             message_id = record.get("messageId")
@@ -109,13 +104,12 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
                     result.duplicate_message_ids += 1
                 seen_messages.add(digest)
             _count_unmapped(result, record)
-            mapped = map_call(record, options, len(raw))
             if type(mapped) is Rejected:
                 result.rejected += 1
                 result.problems[mapped.reason] += 1
                 continue
             if type(mapped) is Skipped:
-                if mapped.counter == "skipped_anonymous":
+                if mapped.reason is SkipReason.ANONYMOUS:
                     result.anonymous += 1
                 continue
             _count_call(result, mapped, record, users, last_values)

@@ -75,3 +75,52 @@ def final_attributes(bodies: list[dict]) -> dict[str, dict]:
                     else:
                         attributes[key] = value
     return users
+
+
+class ScheduledSink:
+    """A Braze that acknowledges every request, with its answers released on a schedule:
+    `schedule(waiting)` says how many of the `waiting` answers (oldest first) a look
+    without waiting gets; a blocking look gets at least one. `window` bounds the
+    requests in flight (None: no bound). After `fail_after` requests the process "dies":
+    submit raises, as a crash would stop the loop."""
+
+    error = None
+
+    def __init__(self, schedule=lambda waiting: waiting, window=None, fail_after=None):
+        self._schedule = schedule
+        self._window = window
+        self._fail_after = fail_after
+        self._waiting = []
+        self.sent = 0
+
+    def has_room(self, batch) -> bool:
+        return self._window is None or len(self._waiting) < self._window
+
+    def submit(self, batch) -> None:
+        from segreplay.errors import DeliveryError
+        from segreplay.sink import Answer
+
+        if self._fail_after is not None and self.sent >= self._fail_after:
+            raise DeliveryError("simulated crash")
+        self.sent += 1
+        self._waiting.append(Answer(batch, [batch.body]))
+
+    def answers(self, timeout=0):
+        count = self._schedule(len(self._waiting))
+        if timeout != 0:
+            count = max(count, 1)
+        released, self._waiting = self._waiting[:count], self._waiting[count:]
+        return released
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    def notices(self) -> list:
+        return []
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -20,8 +20,8 @@ _objects = st.lists(
 
 
 def _pack(items, limit_mode, max_bytes=4_000_000):
+    batcher = Batcher(limit_mode, max_bytes=max_bytes)
     sealed = []
-    batcher = Batcher(sealed.append, limit_mode, max_bytes=max_bytes)
     for seq, (kind, user_number, size) in enumerate(items):
         user = f"e:u{user_number}"
         padding = "x" * max(size - 150, 0)
@@ -37,8 +37,9 @@ def _pack(items, limit_mode, max_bytes=4_000_000):
             }
             add = batcher.add_event if kind == "event" else batcher.add_purchase
             add(obj, ("f", seq), seq, size)
+        sealed += batcher.take_sealed()
     batcher.flush()
-    return sealed
+    return sealed + batcher.take_sealed()
 
 
 @settings(max_examples=60, deadline=None)
@@ -74,11 +75,12 @@ def test_the_same_input_packs_the_same_bodies(items):
 
 
 def test_merged_attributes_collapse_to_the_latest_value():
-    sealed = []
-    batcher = Batcher(sealed.append)
+    batcher = Batcher()
     batcher.add_attributes("e:u1", {"external_id": "u1", "plan": "free"}, ("f", 1), 100)
     batcher.add_attributes("e:u1", {"external_id": "u1", "plan": "pro"}, ("f", 2), 100)
+    assert batcher.take_sealed() == []
     batcher.flush()
+    sealed = batcher.take_sealed()
     assert orjson.loads(sealed[0].body) == {"attributes": [{"external_id": "u1", "plan": "pro"}]}
     assert sealed[0].origin("attributes", 0) == ("f", 2)
 

@@ -11,12 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from samples import generate as sample_generator
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "segment-logs"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from samples import generate as sample_generator  # noqa: E402
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -9,13 +9,12 @@ import os
 
 import orjson
 import pytest
-from conftest import final_attributes, identify, segment, track, write_archive
+from conftest import ScheduledSink, final_attributes, identify, segment, track, write_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.errors import DeliveryError
-from segreplay.ledger import DrySink
 from segreplay.pipeline import run_import
 from segreplay.reporting import Change, SilentReporter
 from segreplay.state import State
@@ -34,23 +33,8 @@ class Recorder(SilentReporter):
         self.diff.extend(changes)
 
 
-class AcceptAll(DrySink):
-    """Braze that acknowledges every request at once; optionally dies after N requests."""
-
-    def __init__(self, settle, fail_after=None):
-        super().__init__(settle)
-        self.GROUP = 1
-        self.sent = 0
-        self.fail_after = fail_after
-
-    def submit(self, batch):
-        if self.fail_after is not None and self.sent >= self.fail_after:
-            raise DeliveryError("simulated crash")
-        self.sent += 1
-        super().submit(batch)
-
-
-def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, **options):
+def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, sink=None,
+           **options):  # fmt: skip
     output = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}.jsonl"
     config = RunConfig(
         sources=tuple(str(s) for s in sources),
@@ -63,8 +47,9 @@ def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, **o
         mapping=MappingOptions(**options),
         delivery=None if dry_run else DeliveryOptions("http://127.0.0.1:9", "test-key"),
     )
-    make_sink = None if dry_run else (lambda settle, summary: AcceptAll(settle, fail_after))
-    summary = run_import(config, reporter or SilentReporter(), make_sink)
+    if sink is None and not dry_run:
+        sink = ScheduledSink(window=1, fail_after=fail_after)  # each answer settled alone
+    summary = run_import(config, reporter or SilentReporter(), sink)
     return summary, [orjson.loads(line) for line in output.read_bytes().splitlines()]
 
 
@@ -306,7 +291,7 @@ def test_state_file_is_private_and_versioned(tmp_path, archive):
     path = tmp_path / "state.sqlite"
     assert os.stat(path).st_mode & 0o777 == 0o600
     state = State(str(path))
-    assert state.schema_version == 2 and state.counts()["delivered_messages"] == 1
+    assert state.schema_version == 3 and state.counts()["delivered_messages"] == 1
     state.close()
 
 
@@ -348,7 +333,7 @@ def test_a_version_1_state_is_migrated_and_keeps_its_checkpoints(tmp_path, archi
     summary, bodies = replay(tmp_path, [path])
     assert bodies == [] and summary.files_already_done == 1
     state = State(str(db_path))
-    assert state.schema_version == 2
+    assert state.schema_version == 3
     state.close()
 
 
@@ -358,8 +343,8 @@ def test_an_untouched_file_is_not_read_again_to_fingerprint_it(tmp_path, archive
     path = archive([track("A", "u1", T1)])
     replay(tmp_path, [path])
     reads = []
-    real = pipeline._fingerprint
-    monkeypatch.setattr(pipeline, "_fingerprint", lambda a: reads.append(a.path) or real(a))
+    real = pipeline.fingerprint
+    monkeypatch.setattr(pipeline, "fingerprint", lambda a: reads.append(a.path) or real(a))
     summary, _ = replay(tmp_path, [path])
     assert reads == [] and summary.files_already_done == 1
     os.utime(path, ns=(1, 1))  # touched: size alone is not trusted, the content is checked

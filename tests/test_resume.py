@@ -25,17 +25,12 @@ import orjson
 import pytest
 from conftest import final_attributes
 
+from samples.generate import generate
 from segreplay.config import MAX_OBJECTS_PER_REQUEST
 from segreplay.fake import FakeBraze
 from segreplay.state import State
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from samples.generate import generate  # noqa: E402
-
-SEGREPLAY = str(ROOT / ".venv" / "bin" / "segreplay")
+SEGREPLAY = [sys.executable, "-m", "segreplay"]
 KEY = "resume-test-key"
 CONCURRENCY = 4
 # What a kill can cost: the requests in flight, each Braze processed but never answered.
@@ -68,7 +63,7 @@ class Archive:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [SEGREPLAY, *args], cwd=cwd, env=_environment(), capture_output=True, timeout=60
+        [*SEGREPLAY, *args], cwd=cwd, env=_environment(), capture_output=True, timeout=60
     )
 
 
@@ -118,7 +113,7 @@ class Replay:
         self.work = work
         self.state = work / "state.sqlite"
         self.argv = [
-            SEGREPLAY, "import", str(logs), "--endpoint", fake.url, "--api-key", KEY,
+            *SEGREPLAY, "import", str(logs), "--endpoint", fake.url, "--api-key", KEY,
             "--state", str(self.state), "--concurrency", str(CONCURRENCY),
             "--dead-letter", str(work / "dead-letter.jsonl"), "--json",
         ]  # fmt: skip
