@@ -162,8 +162,8 @@ def _accept_all_state(folder: Path, state: Path) -> None:
 
     from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
     from segreplay.pipeline import run_import
-    from segreplay.sink import DrySink
     from segreplay.reporting import SilentReporter
+    from segreplay.sink import DrySink
 
     config = RunConfig(
         sources=(str(folder),),
