@@ -29,7 +29,7 @@ from segreplay.state import State, StateLock
 from segreplay.stopping import StopNow, StopRequest
 from segreplay.times import format_time
 
-_CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
+CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
 
 
@@ -39,10 +39,12 @@ def run_import(
     sink: Sink | None = None,
     stop: StopRequest | None = None,
     stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+    chunk_lines: int = CHUNK_LINES,
 ) -> Summary:
     """Replay `config.sources` into `sink` (a dry run when None; closed here). Returns
     the summary, with `interrupted` set when `stop` was requested; raises
-    SegreplayError when the run cannot go on."""
+    SegreplayError when the run cannot go on. Answers are settled between chunks of
+    `chunk_lines` lines."""
     started = _time.monotonic()
     archives = discover(config.sources)
     _check_folder("--output", config.output_path)
@@ -61,7 +63,7 @@ def run_import(
         status = "failed"
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
-                             stop or StopRequest(), stop_grace_s)  # fmt: skip
+                             stop or StopRequest(), stop_grace_s, chunk_lines)  # fmt: skip
             replay.run(archives)
             status = "interrupted" if summary.interrupted else "finished"
         except BaseException as error:
@@ -80,7 +82,8 @@ class _Replay:
 
     def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
                  reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
-                 stop: StopRequest, stop_grace_s: float) -> None:  # fmt: skip
+                 stop: StopRequest, stop_grace_s: float,
+                 chunk_lines: int) -> None:  # fmt: skip
         self._config = config
         self._state = state
         self._summary = summary
@@ -89,6 +92,7 @@ class _Replay:
         self._sink = sink
         self._stop = stop
         self._stop_grace_s = stop_grace_s
+        self._chunk_lines = chunk_lines
         self._batcher = Batcher(config.batch_limit)
         self._ledger = Ledger(state, run_id, config.mapping, self._batcher, summary)
         self._settler = Settler(self._ledger, summary, dead_letter, reporter, output,
@@ -134,7 +138,7 @@ class _Replay:
         chunk: list = []
         add = chunk.append
         for number, raw, record, mapped in mapped_lines(reader, self._config.mapping, point.skip):
-            if len(chunk) >= _CHUNK_LINES:
+            if len(chunk) >= self._chunk_lines:
                 self._decide(progress, chunk)
                 if self._halted():
                     return  # the rest of the file is read again by the next run

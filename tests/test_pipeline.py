@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.errors import DeliveryError
-from segreplay.pipeline import run_import
+from segreplay.pipeline import CHUNK_LINES, run_import
 from segreplay.reporting import Change, SilentReporter
 from segreplay.state import State
 
@@ -34,7 +34,7 @@ class Recorder(SilentReporter):
 
 
 def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, sink=None,
-           **options):  # fmt: skip
+           chunk_lines=CHUNK_LINES, **options):  # fmt: skip
     output = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}.jsonl"
     config = RunConfig(
         sources=tuple(str(s) for s in sources),
@@ -49,7 +49,7 @@ def replay(tmp_path, sources, dry_run=False, fail_after=None, reporter=None, sin
     )
     if sink is None and not dry_run:
         sink = ScheduledSink(window=1, fail_after=fail_after)  # each answer settled alone
-    summary = run_import(config, reporter or SilentReporter(), sink)
+    summary = run_import(config, reporter or SilentReporter(), sink, chunk_lines=chunk_lines)
     return summary, [orjson.loads(line) for line in output.read_bytes().splitlines()]
 
 
@@ -110,6 +110,27 @@ def test_an_older_value_never_replaces_a_newer_one(tmp_path, archive):
     late = archive([identify("u1", T2, plan="basic")], name="late.gz")
     summary, bodies = replay(tmp_path, [late])
     assert bodies == [] and summary.attributes_outdated == 1
+
+
+@pytest.mark.parametrize(
+    ("dry_run", "window"), [(True, None), (False, 1), (False, 2), (False, None)]
+)
+def test_an_older_value_never_wins_when_a_request_seals_on_the_users_line(
+    tmp_path, archive, dry_run, window
+):
+    """74 events for others and one for u fill a request; u's newer identify seals it on
+    u's own line, and answers may then arrive before u's older identify is decided."""
+    lines = [track("E", f"other{i}", T1) for i in range(74)]
+    lines += [track("E", "u", T1), identify("u", T3, plan="pro"), identify("u", T2, plan="free")]
+    path = archive(lines)
+    sink = None if dry_run else ScheduledSink(window=window)
+    summary, bodies = replay(tmp_path, [path], dry_run=dry_run, sink=sink, chunk_lines=1)
+    assert final_attributes(bodies)["u"] == {"plan": "pro"}
+    assert summary.attributes_outdated == 1
+    if not dry_run:  # the state agrees with what was sent
+        state = State(str(tmp_path / "state.sqlite"))
+        assert state.user_attributes("e:u") == {"plan": ["pro", T3]}
+        state.close()
 
 
 def test_a_repeated_value_moves_its_time_forward(tmp_path, archive):
@@ -350,3 +371,84 @@ def test_an_untouched_file_is_not_read_again_to_fingerprint_it(tmp_path, archive
     os.utime(path, ns=(1, 1))  # touched: size alone is not trusted, the content is checked
     summary, _ = replay(tmp_path, [path])
     assert reads == [str(path)] and summary.files_already_done == 1
+
+
+# ------------------------------------------------------- when answers arrive changes nothing
+
+SCHEDULES = {
+    "after every request": lambda rng: lambda waiting: waiting,
+    "every 3 requests": lambda rng: lambda waiting: waiting if waiting >= 3 else 0,
+    "only at the end": lambda rng: lambda waiting: 0,
+    "at random": lambda rng: lambda waiting: rng.randint(0, waiting),
+}
+
+
+def _reference(lines: list[dict]) -> tuple[list, dict]:
+    """What Braze must end with, from the lines alone: each messageId's event once, and
+    each attribute at its newest value by event time (ties: the larger value)."""
+    from segreplay.jsonutil import dumps_canonical
+
+    events, seen = [], set()
+    newest: dict[str, dict] = {}
+    for line in lines:
+        user = line["userId"]
+        if line["type"] == "track":
+            if line["messageId"] not in seen:
+                seen.add(line["messageId"])
+                events.append((user, line["event"], line["timestamp"]))
+            continue
+        for key, value in line["traits"].items():
+            rank = (line["timestamp"], dumps_canonical(value))
+            if key not in newest.setdefault(user, {}) or rank > newest[user][key][0]:
+                newest[user][key] = (rank, value)
+    attributes = {
+        user: {key: value for key, (_, value) in keys.items() if value is not None}
+        for user, keys in newest.items()
+    }
+    return sorted(events), {user: values for user, values in attributes.items() if values}
+
+
+def _random_lines(rng, count: int) -> list[dict]:
+    """Identifies and tracks of a few users over a few days, so that values tie, go
+    back in time and repeat; repeated messageIds are the same line sent again."""
+    lines, by_message = [], {}
+    for _ in range(count):
+        user, time = f"u{rng.randrange(4)}", f"2024-03-0{rng.randrange(1, 5)}T00:00:00.000Z"
+        if rng.random() < 0.4:
+            lines.append(identify(user, time, plan=rng.choice(["a", "b", None]),
+                                  n=rng.randrange(3)))  # fmt: skip
+        else:
+            message_id = f"m{rng.randrange(count // 2 + 1)}"
+            lines.append(
+                by_message.setdefault(message_id, track("E", user, time, messageId=message_id))
+            )
+    return lines
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    count=st.integers(1, 600),
+    schedule=st.sampled_from(list(SCHEDULES)),
+    window=st.sampled_from([None, 1, 3]),
+    chunk_lines=st.sampled_from([1, 7, 2000]),
+    seed=st.integers(0, 1000),
+)
+def test_when_answers_arrive_never_changes_what_braze_ends_with(
+    tmp_path_factory, count, schedule, window, chunk_lines, seed
+):
+    import random
+
+    lines = _random_lines(random.Random(seed), count)
+    work = tmp_path_factory.mktemp("schedule")
+    path = write_archive(work / "logs" / "a.gz", lines)
+    sink = ScheduledSink(SCHEDULES[schedule](random.Random(seed)), window=window)
+    _, bodies = replay(work, [path], sink=sink, chunk_lines=chunk_lines)
+    events, attributes = _reference(lines)
+    sent = sorted((e["external_id"], e["name"], e["time"]) for e in objects(bodies, "events"))
+    assert sent == events
+    assert {u: a for u, a in final_attributes(bodies).items() if a} == attributes
+    # and a second run, on the state the first left, sends nothing
+    _, again = replay(work, [path], sink=ScheduledSink(), chunk_lines=chunk_lines)
+    assert again == []
