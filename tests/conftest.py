@@ -30,8 +30,10 @@ def identify(user_id="u1", time="2024-03-05T14:03:22.083Z", **traits) -> dict:
     return segment("identify", user_id, time, traits=traits)
 
 
-def track(event, user_id="u1", time="2024-03-05T14:03:22.083Z", **properties) -> dict:
-    return segment("track", user_id, time, event=event, properties=properties)
+def track(event, user_id="u1", time="2024-03-05T14:03:22.083Z", messageId=None,  # noqa: N803
+          **properties) -> dict:  # fmt: skip
+    ids = {"messageId": messageId} if messageId is not None else {}
+    return segment("track", user_id, time, event=event, properties=properties, **ids)
 
 
 def write_archive(path: Path, lines: list, compress: bool = True) -> Path:
