@@ -261,7 +261,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             "were in flight may be sent again (docs/state.md); run the same command to resume",
             err=True,
         )
-        sys.exit(128 + getattr(error, "signum", 2))
+        _exit_now(128 + getattr(error, "signum", 2))
     reporter.summary(summary, dead_letter_path, summary_dead_letters(summary))
     if as_json:
         from segreplay.jsonutil import dumps
@@ -276,7 +276,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             + "; run the same command to resume",
             err=True,
         )  # fmt: skip
-        sys.exit(128 + stop.signum)
+        _exit_now(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
 
@@ -463,6 +463,16 @@ def reset_command(state_path: str, yes: bool) -> None:
     except SegreplayError as error:
         _fail(error)
     click.echo(f"{state_path}: reset; the next import starts from scratch")
+
+
+def _exit_now(status: int) -> None:
+    """Exit without joining worker threads still waiting on an answer: the state is
+    closed, and a stop must not outlast its grace period."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def summary_dead_letters(summary) -> int:

@@ -193,7 +193,13 @@ class _Replay:
         while sink.in_flight:
             if self._halted() and deadline is None:
                 sink.stop()  # no new attempts; what is on the wire may still answer
-                grace = self._stop_grace_s if self._stop.requested else float("inf")
+                grace = float("inf")
+                if self._stop.requested:
+                    grace = self._stop_grace_s
+                    self._reporter.notice(
+                        f"stopping: waiting up to {grace:g} s for {sink.in_flight} requests in "
+                        "flight; a second signal stops at once"
+                    )
                 deadline = _time.monotonic() + grace
             wait_s = _POLL_S
             if deadline is not None:
@@ -205,7 +211,7 @@ class _Replay:
 
     def _settle(self, answers: list) -> None:
         for notice in self._sink.notices():
-            self._reporter.notice(f"Braze: {notice}")
+            self._reporter.notice(f"warning: Braze: {notice}")
         self._settler.settle(answers)
 
     def _report_progress(self, final: bool = False) -> None:

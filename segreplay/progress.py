@@ -75,7 +75,7 @@ class ConsoleReporter:
             self._write("... more problems are in the dead-letter file only")
 
     def notice(self, message: str) -> None:
-        self._write(f"warning: {message}")
+        self._write(message)
 
     def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
         if self._tty:
@@ -235,6 +235,8 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
         f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
         f"{report['files_done']:,} of {report['files']:,} files done\n"
     )
+    for options, count in report.get("files_by_options", {}).items():
+        out.write(f"  {count:,} files read with: {options}\n")
     for item in report["files_in_progress"]:
         out.write(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)\n")
     for run in report["runs"]:

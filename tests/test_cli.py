@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from conftest import identify, track
 
 from segreplay.cli import cli
+from segreplay.fake import FakeBraze
 from segreplay.state import StateLock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +172,28 @@ def test_inspect_prices_the_replay(run):
     assert report["lines"] == 400 and report["duplicate_message_ids"] == 8
     assert report["data_points_with_dedupe"] < report["data_points_without_dedupe"]
     assert report["by_type"]["track"] == 206
+
+
+def test_status_says_which_options_files_were_read_with(tmp_path):
+    from conftest import write_archive
+
+    logs = tmp_path / "logs"
+    write_archive(logs / "a.gz", [track("A", "u1")])
+    write_archive(logs / "b.gz", [track("B", "u1")])
+    state = tmp_path / "state.sqlite"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "SEGREPLAY_"))}
+    with FakeBraze(api_key="k") as fake:
+        for sources in ([logs / "a.gz"], [logs / "b.gz"]):
+            screens = "all" if sources[0].name == "b.gz" else "none"
+            result = subprocess.run(
+                [sys.executable, "-m", "segreplay", "import", *map(str, sources), "--endpoint",
+                 fake.url, "--api-key", "k", "--state", str(state), "--screens", screens],
+                capture_output=True, env=env, cwd=tmp_path, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "segreplay", "status", "--state", str(state)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert "  1 files read with: pages=all screens=none anonymous=skip\n" in result.stdout
+    assert "  1 files read with: pages=all screens=all anonymous=skip\n" in result.stdout

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.errors import DeliveryError
+from segreplay.mapping import SkipReason
 from segreplay.pipeline import CHUNK_LINES, run_import
 from segreplay.reporting import Change, SilentReporter
 from segreplay.state import State
@@ -452,3 +453,37 @@ def test_when_answers_arrive_never_changes_what_braze_ends_with(
     # and a second run, on the state the first left, sends nothing
     _, again = replay(work, [path], sink=ScheduledSink(), chunk_lines=chunk_lines)
     assert again == []
+
+
+# ------------------------------------------------------ options change what a file means
+
+
+def test_lines_skipped_by_since_are_sent_when_a_later_run_drops_it(tmp_path, archive):
+    early = [track(f"Early {n}", "u1", T1) for n in range(3)]
+    late = [track(f"Late {n}", "u1", T3) for n in range(4)] + [identify("u1", T3, plan="pro")]
+    path = archive(early + late)
+    first, bodies = replay(tmp_path, [path], since=T2)
+    assert first.skips[SkipReason.OUTSIDE_WINDOW] == 3
+    assert sorted(e["name"] for e in objects(bodies, "events")) == [f"Late {n}" for n in range(4)]
+    second, bodies = replay(tmp_path, [path])
+    assert second.files_already_done == 0  # read again: its lines mean more now
+    assert sorted(e["name"] for e in objects(bodies, "events")) == [f"Early {n}" for n in range(3)]
+    assert objects(bodies, "attributes") == []  # "pro" was sent already
+    third, bodies = replay(tmp_path, [path])
+    assert (third.files_already_done, bodies) == (1, [])
+
+
+def test_screens_skipped_by_default_are_sent_by_a_run_with_screens_all(tmp_path, archive):
+    screens = [segment("screen", "u1", T2, name=f"Screen {n}") for n in range(2)]
+    path = archive([track("Opened", "u1", T1), *screens])
+    first, bodies = replay(tmp_path, [path])
+    assert first.skips[SkipReason.SCREEN] == 2
+    assert [e["name"] for e in objects(bodies, "events")] == ["Opened"]
+    _, bodies = replay(tmp_path, [path], screens="all")
+    assert sorted(e["name"] for e in objects(bodies, "events")) == [
+        "Viewed Screen 0 Screen",
+        "Viewed Screen 1 Screen",
+    ]
+    state = State(str(tmp_path / "state.sqlite"))
+    assert list(state.report()["files_by_options"]) == ["pages=all screens=all anonymous=skip"]
+    state.close()

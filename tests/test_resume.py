@@ -337,3 +337,81 @@ def test_a_resumed_run_skips_acknowledged_lines_unread(tmp_path):
         assert summary["lines"] + summary["lines_already_done"] == archive.lines
         _assert_delivered(replay, log, archive)
         _assert_all_done(replay, archive)
+
+
+# ------------------------------------------------------------------ stopping, as cron does
+
+
+def _stopped_run(replay: Replay, signals: list[int], after_requests: int) -> tuple[int, str]:
+    """Start a run, and signal it once the fake has seen `after_requests` requests; each
+    further signal once the run said it is stopping."""
+    process = replay.start()
+    replay.wait_for_requests(process, after_requests)
+    process.send_signal(signals[0])
+    for signum in signals[1:]:
+        deadline = time.monotonic() + 30
+        while "stopping: waiting up to" not in replay.stderr():
+            assert process.poll() is None and time.monotonic() < deadline, replay.stderr()
+            time.sleep(0.01)
+        process.send_signal(signum)
+    return process.wait(timeout=30), replay.stderr()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_records_what_was_in_flight_and_the_resume_sends_each_object_once(
+    signum, archive, tmp_path
+):
+    log = tmp_path / "fake-braze.jsonl"
+    # Slow answers: at the stop, requests are on the wire, answers seconds away.
+    with FakeBraze(api_key=KEY, log_path=str(log), latency_ms=400) as fake:
+        replay = Replay(fake, archive.logs, tmp_path)
+        code, stderr = _stopped_run(replay, [signum], after_requests=6)
+        assert code == 128 + signum
+        assert stderr.endswith(
+            "stopped: every answered request is recorded in the state; "
+            "run the same command to resume\n"
+        )
+        summary = orjson.loads((tmp_path / "run-1.out").read_bytes())
+        assert summary["interrupted"] is True and summary["requests_abandoned"] == 0
+        assert 6 <= summary["requests_acknowledged"] == summary["requests"] < archive.requests
+        assert summary["requests"] == replay.requests_seen()
+        [run] = replay.status()["runs"]
+        assert run["status"] == "interrupted"
+        assert run["summary"]["requests"] == summary["requests"]
+        assert run["summary"]["events_sent"] == summary["events_sent"] > 0
+
+        replay.complete()
+        assert _assert_delivered(replay, log, archive) == 0  # no kill: no duplicate allowed
+        _assert_all_done(replay, archive)
+
+
+def test_a_second_signal_stops_at_once(archive, tmp_path):
+    with FakeBraze(api_key=KEY, latency_ms=20_000) as fake:  # answers that never come in time
+        replay = Replay(fake, archive.logs, tmp_path)
+        started = time.monotonic()
+        code, stderr = _stopped_run(replay, [signal.SIGTERM, signal.SIGTERM], after_requests=1)
+        assert time.monotonic() - started < 15
+    assert code == 143
+    assert stderr.endswith(
+        "stopped at once: every acknowledged request is in the state; requests that were in "
+        "flight may be sent again (docs/state.md); run the same command to resume\n"
+    )
+    [run] = replay.status()["runs"]
+    assert run["status"] == "interrupted"
+
+
+def test_answers_that_outlast_the_grace_period_are_counted_as_abandoned(archive, tmp_path):
+    with FakeBraze(api_key=KEY, latency_ms=20_000) as fake:  # answers that never come in time
+        replay = Replay(fake, archive.logs, tmp_path)
+        replay.argv += ["--stop-grace", "0.5"]
+        started = time.monotonic()
+        code, stderr = _stopped_run(replay, [signal.SIGINT], after_requests=1)
+        assert time.monotonic() - started < 15
+    assert code == 130
+    summary = orjson.loads((tmp_path / "run-1.out").read_bytes())
+    abandoned = summary["requests_abandoned"]
+    assert abandoned == summary["requests"] >= 1 and summary["requests_acknowledged"] == 0
+    assert stderr.endswith(
+        f"stopped: every answered request is recorded in the state; {abandoned} requests "
+        "still unanswered after --stop-grace may be sent again; run the same command to resume\n"
+    )
