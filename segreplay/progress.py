@@ -31,7 +31,7 @@ _ROWS = [
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
     ("fields_dropped", "fields dropped", False),
-    ("files_skipped", "files skipped (not JSON lines)", True),
+    ("files_skipped", "files skipped (not archives)", True),
     ("files_truncated", "files truncated", True),
     ("users", "users", False),
     ("requests", "requests", False),
@@ -68,7 +68,8 @@ class ConsoleReporter:
     def problem(self, record: dict) -> None:
         self._problems += 1
         if self._problems <= MAX_PROBLEM_MESSAGES:
-            where = f"{record.get('source')}:{record.get('line')}"
+            line = record.get("line")  # 0: the whole file
+            where = f"{record.get('source')}:{line}" if line else str(record.get("source"))
             key = f" [{record['key']}]" if record.get("key") else ""
             self._write(f"{where}: {record.get('kind')}{key}: {record.get('reason')}")
         elif self._problems == MAX_PROBLEM_MESSAGES + 1:

@@ -51,7 +51,9 @@ class Summary:
 
     @property
     def had_problems(self) -> bool:
-        return bool(self.invalid or self.rejected or self.files_skipped or self.files_truncated)
+        """Exit status 3. A skipped file (plainly not an archive: .DS_Store, a manifest)
+        is only a warning: it would otherwise fail the first run and pass the next."""
+        return bool(self.invalid or self.rejected or self.files_truncated)
 
     def to_dict(self) -> dict:
         summary = asdict(self)

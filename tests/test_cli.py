@@ -58,6 +58,9 @@ def test_a_clean_archive_exits_0(run, archive):
     [
         (["import", "no/such/dir", "--dry-run"], "no/such/dir: no such file or directory"),
         (["import", "nothing-*.gz", "--dry-run"], "nothing-*.gz: the pattern matches no file"),
+        (["import", "empty", "--dry-run"], "Error: empty: the folder holds no file\n"),
+        (["inspect", "empty"], "Error: empty: the folder holds no file\n"),
+        (["import", "/dev/null", "--dry-run"], "Error: /dev/null: not a file, a folder or a pipe"),
         (["import", SAMPLE], "no Braze endpoint"),
         (["import", SAMPLE, "--endpoint", "US-03"], "no Braze REST API key"),
         (
@@ -113,7 +116,8 @@ def test_a_clean_archive_exits_0(run, archive):
         ),
     ],
 )
-def test_usage_errors_exit_2_with_a_message(run, args, message):
+def test_usage_errors_exit_2_with_a_message(run, args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
     result = run(*args)
     assert result.exit_code == 2
     assert message in result.stderr
@@ -170,3 +174,24 @@ def test_inspect_prices_the_replay(run):
     assert report["lines"] == 400 and report["duplicate_message_ids"] == 8
     assert report["data_points_with_dedupe"] < report["data_points_without_dedupe"]
     assert report["by_type"]["track"] == 206
+
+
+def test_a_stray_file_is_named_with_a_warning_and_exits_0(run, archive):
+    path = archive([track("A")])
+    (path.parent / "manifest.txt").write_text("files: 1\n")
+    result = run("import", str(path.parent), "--dry-run")
+    assert result.exit_code == 0
+    assert f"{path.parent / 'manifest.txt'}: skipped file: neither gzip nor JSON lines\n" in (
+        result.stderr
+    )
+
+
+def test_a_gzip_corrupt_from_its_start_is_named_without_a_line(run, archive):
+    path = archive([track("A")])
+    (path.parent / "fakegzip0000.gz").write_bytes(b"\x1f\x8b" + bytes(range(100)))
+    result = run("import", str(path.parent), "--dry-run")
+    assert result.exit_code == 3
+    assert (
+        f"{path.parent / 'fakegzip0000.gz'}: truncated file: gzip data is corrupt or truncated "
+        "before its first line (" in result.stderr
+    )
