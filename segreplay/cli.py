@@ -241,7 +241,8 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
         )
     except SegreplayError as error:
         _fail(error)
-    reporter = ConsoleReporter()
+    # With --json, standard output holds the summary object alone: `| jq` must work.
+    reporter = ConsoleReporter(diff_out=sys.stderr if as_json else None)
     sink = None
     if delivery is not None:
         from segreplay.delivery import braze_sink

@@ -51,8 +51,19 @@ def display_user(user: str) -> str:
     return user[2:] if user.startswith("e:") else f"alias {user[2:]}"
 
 
+class _UserDiff:
+    """One user's changes in a run: each attribute key once, as (old, known, final)."""
+
+    __slots__ = ("attributes", "added")
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, list] = {}  # key -> [old, known, final]
+        self.added: list[str] = []  # events and purchases, as lines, in decision order
+
+
 class ConsoleReporter:
-    """Problems and progress on standard error, the diff on `diff_out`."""
+    """Problems and progress on standard error; the diff, gathered over the run so that
+    each attribute shows once per user (old -> final), on `diff_out` at `finish`."""
 
     def __init__(self, err: TextIO | None = None, diff_out: TextIO | None = None) -> None:
         self._err = err or sys.stderr
@@ -62,6 +73,7 @@ class ConsoleReporter:
         self._started = time.monotonic()
         self._last_plain = self._started
         self._bar = None
+        self._diff: dict[str, _UserDiff] = {}  # in the order users first changed
 
     # Reporter --------------------------------------------------------------------------
 
@@ -94,31 +106,51 @@ class ConsoleReporter:
         self._write(f"progress: {meter} | {summary.lines:,} lines, {summary.requests:,} requests")
 
     def changes(self, changes: list[Change]) -> None:
-        out = self._diff_out
         for change in changes:
-            user = display_user(change.user)
+            user = self._diff.get(change.user)
+            if user is None:
+                user = self._diff[change.user] = _UserDiff()
             if change.what == "attribute":
-                new = dumps(change.new).decode()
-                if change.known:
-                    old = dumps(change.old).decode()
-                    out.write(f"{user}  ~ {change.key}: {old} -> {new}\n")
+                seen = user.attributes.get(change.key)
+                if seen is None:  # the value before the run: the first change's old one
+                    user.attributes[change.key] = [change.old, change.known, change.new]
                 else:
-                    out.write(f"{user}  + {change.key}: {new}\n")
+                    seen[2] = change.new
             elif change.what == "event":
-                out.write(f"{user}  + event {change.key!r} at {change.new['time']}\n")
+                user.added.append(f"+ event {change.key!r} at {change.new['time']}")
             else:
                 obj = change.new
-                out.write(
-                    f"{user}  + purchase {change.key!r} {obj['price']} {obj['currency']}"
-                    f" x{obj.get('quantity', 1)} at {obj['time']}\n"
+                user.added.append(
+                    f"+ purchase {change.key!r} {obj['price']} {obj['currency']}"
+                    f" x{obj.get('quantity', 1)} at {obj['time']}"
                 )
+
+    def _write_diff(self) -> None:
+        """Each user's attribute changes (a key that ends where it started is left out),
+        then the events and purchases it would get."""
+        diff, self._diff = self._diff, {}
+        out = self._diff_out
+        for user_key, user in diff.items():
+            name = display_user(user_key)
+            for key, (old, known, final) in user.attributes.items():
+                new = dumps(final).decode()
+                if not known:
+                    out.write(f"{name}  + {key}: {new}\n")
+                elif (old_text := dumps(old).decode()) != new:
+                    out.write(f"{name}  ~ {key}: {old_text} -> {new}\n")
+            for line in user.added:
+                out.write(f"{name}  {line}\n")
+        out.flush()
 
     # the rest --------------------------------------------------------------------------
 
     def finish(self) -> None:
+        """Stop the progress bar and write the diff gathered so far."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        if self._diff:
+            self._write_diff()
 
     def summary(self, summary: Summary, dead_letter: str | None, dead_letters: int) -> None:
         self.finish()
@@ -202,7 +234,7 @@ def print_survey(survey, out: TextIO | None = None) -> None:
         ("users", f"{report['users']:,}"),
         ("anonymous lines", f"{report['anonymous']:,} ({report['anonymous_share']:.1%})"),
         ("duplicate messageIds", f"{report['duplicate_message_ids']:,}"),
-        ("event time range", f"{first} .. {last}"),
+        ("event time range", f"{first} .. {last}" if first else "none: no line would be sent"),
         ("data points without dedupe", f"{report['data_points_without_dedupe']:,}"),
         ("data points with dedupe", f"{report['data_points_with_dedupe']:,}"),
     ):
@@ -237,7 +269,12 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
         f"{report['files_done']:,} of {report['files']:,} files done\n"
     )
     for item in report["files_in_progress"]:
-        out.write(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)\n")
+        acked = item["lines_acked"]
+        if acked > 1:
+            done = f"lines 1-{acked:,} acknowledged"
+        else:
+            done = "line 1 acknowledged" if acked else "no line acknowledged yet"
+        out.write(f"  partly done: {item['path']} ({done})\n")
     for run in report["runs"]:
         summary = run["summary"] or {}
         out.write(

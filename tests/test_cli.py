@@ -195,3 +195,32 @@ def test_a_gzip_corrupt_from_its_start_is_named_without_a_line(run, archive):
         f"{path.parent / 'fakegzip0000.gz'}: truncated file: gzip data is corrupt or truncated "
         "before its first line (" in result.stderr
     )
+
+
+def _logins_over_three_requests(archive):
+    """u1's logins change three times, each in a different request (75 objects apart)."""
+    lines = []
+    for day, logins in ((1, 2), (2, 1), (3, 3)):
+        time = f"2024-03-0{day}T00:00:00.000Z"
+        lines.append(identify("u1", time, logins=logins))
+        lines += [track("Filler", f"other-{day}-{n}", time) for n in range(80)]
+    return archive(lines)
+
+
+def test_the_diff_shows_each_key_once_per_user(run, archive):
+    result = run("import", str(_logins_over_three_requests(archive)), "--dry-run", "--diff")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("u1 ")] == ["u1  + logins: 3"]
+
+
+def test_with_json_the_diff_goes_to_stderr_so_stdout_is_one_object(archive, tmp_path):
+    path = _logins_over_three_requests(archive)
+    result = subprocess.run(
+        [sys.executable, "-m", "segreplay", "import", str(path), "--dry-run", "--diff", "--json"],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0
+    assert orjson.loads(result.stdout)["events_sent"] == 240  # what `| jq` reads
+    assert b"u1  + logins: 3\n" in result.stderr
