@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -224,3 +225,67 @@ def test_with_json_the_diff_goes_to_stderr_so_stdout_is_one_object(archive, tmp_
     assert result.returncode == 0
     assert orjson.loads(result.stdout)["events_sent"] == 240  # what `| jq` reads
     assert b"u1  + logins: 3\n" in result.stderr
+
+
+def _commands():
+    yield "segreplay", cli
+    yield from cli.commands.items()
+
+
+def test_every_option_of_every_command_has_help_text():
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in _commands()
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("import", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]",
+                    "[env var: BRAZE_REST_ENDPOINT]", "[env var: BRAZE_API_KEY]"]),
+        ("status", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]"]),
+        ("reset", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]"]),
+        ("fake-braze", ["[env var: FAKE_BRAZE_API_KEY; default: fake-key]",
+                        "--rate N/SECONDS", "[default: 3000/3]"]),
+        ("inspect", ["--screens [all|named|none]", "--since TIME", "--until TIME",
+                     "--purchase-event-too", "--log-purchase-when-revenue-present",
+                     "--events-allow NAME", "--events-deny NAME", "--anonymous [skip|alias]"]),
+    ],
+)  # fmt: skip
+def test_help_shows_paths_and_environment_variables(command, shown):
+    result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    text = " ".join(result.stdout.split())  # as one line, whatever the wrapping
+    for piece in shown:
+        assert piece in text, piece
+
+
+def test_fake_braze_refuses_a_malformed_rate(run):
+    result = run("fake-braze", "--rate", "3000")
+    assert result.exit_code == 2
+    assert "--rate must look like N/SECONDS, e.g. 1500/3, not '3000'" in result.stderr
+
+
+def test_inspect_takes_the_options_that_change_what_a_replay_sends(run, archive):
+    path = archive([
+        identify("u1", "2024-03-01T00:00:00.000Z", plan="pro"),
+        track("Signed Up", "u1", "2024-03-01T00:00:00.000Z"),
+        track("Login", "u1", "2024-03-02T00:00:00.000Z"),
+        track("Order Completed", "u1", "2024-03-03T00:00:00.000Z",
+              products=[{"product_id": "p1", "price": 5}]),
+    ])  # fmt: skip
+
+    def with_dedupe(*options):
+        result = run("inspect", str(path), "--json", *options)
+        assert result.exit_code == 0, result.stderr
+        return orjson.loads(result.stdout)["data_points_with_dedupe"]
+
+    assert with_dedupe() == 4
+    assert with_dedupe("--since", "2024-03-02") == 2
+    assert with_dedupe("--until", "2024-03-02") == 2
+    assert with_dedupe("--purchase-event-too") == 5
+    assert with_dedupe("--events-deny", "Login") == 3
+    assert with_dedupe("--events-allow", "Login") == 2  # the identify's attribute, the Login
