@@ -11,7 +11,7 @@ import time
 from typing import TextIO
 
 from segreplay.jsonutil import dumps
-from segreplay.reporting import Change, Summary
+from segreplay.reporting import SKIPPED_BY_OPTIONS, Change, Summary, skipped_label
 
 MAX_PROBLEM_MESSAGES = 20
 PLAIN_PROGRESS_EVERY_S = 30.0
@@ -21,12 +21,12 @@ _ROWS = [
     ("lines", "lines read", False),
     ("lines_already_done", "lines already delivered (resumed)", True),
     ("files_already_done", "files already done", True),
-    ("skipped_anonymous", "skipped: anonymous", False),
-    ("skipped_alias", "skipped: alias calls", True),
-    ("skipped_pages", "skipped: pages", True),
-    ("skipped_screens", "skipped: screens", True),
-    ("outside_window", "skipped: outside --since/--until", True),
-    ("filtered", "skipped: filtered by name", True),
+    ("skipped_anonymous", skipped_label("skipped_anonymous"), False),
+    ("skipped_alias", skipped_label("skipped_alias"), True),
+    ("skipped_pages", skipped_label("skipped_pages"), True),
+    ("skipped_screens", skipped_label("skipped_screens"), True),
+    ("outside_window", skipped_label("outside_window"), True),
+    ("filtered", skipped_label("filtered"), True),
     ("duplicates", "duplicates (messageId already sent)", False),
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
@@ -242,6 +242,9 @@ def print_survey(survey, out: TextIO | None = None) -> None:
     console.print(overview)
     for title, columns, rows in (
         ("lines by type", ("type", "lines"), report["by_type"].items()),
+        ("skipped with these options", ("skipped", "lines", "to keep them"),
+         ((SKIPPED_BY_OPTIONS[k][0], v, SKIPPED_BY_OPTIONS[k][1] or "")
+          for k, v in report["skipped"].items())),
         ("custom events and purchases", ("name", "lines"), report["event_names"].items()),
         ("attributes", ("key", "lines", "changes"),
          ((k, v["lines"], v["changes"]) for k, v in report["traits"].items())),
@@ -254,7 +257,8 @@ def print_survey(survey, out: TextIO | None = None) -> None:
             continue
         table = Table(title=title, title_justify="left")
         for index, column in enumerate(columns):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            counts = index and column != "to keep them"
+            table.add_column(column, justify="right" if counts else "left")
         for row in rows:
             table.add_row(*(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row))
         console.print(table)

@@ -289,3 +289,13 @@ def test_inspect_takes_the_options_that_change_what_a_replay_sends(run, archive)
     assert with_dedupe("--purchase-event-too") == 5
     assert with_dedupe("--events-deny", "Login") == 3
     assert with_dedupe("--events-allow", "Login") == 2  # the identify's attribute, the Login
+
+
+def test_inspect_says_what_the_options_skip_and_how_to_keep_it(run):
+    report = orjson.loads(run("inspect", SAMPLE, "--json").stdout)
+    assert report["skipped"] == {"skipped_anonymous": 41, "skipped_screens": 35, "skipped_alias": 6}
+    text = run("inspect", SAMPLE).stdout
+    assert "│ screens     │    35 │ --screens all keeps them     │" in text
+    report = orjson.loads(run("inspect", SAMPLE, "--json", "--screens", "all").stdout)
+    assert "skipped_screens" not in report["skipped"]
+    assert report["by_type"]["screen"] == 35

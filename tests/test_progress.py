@@ -69,3 +69,23 @@ def test_inspect_of_an_archive_with_nothing_to_send_says_so_for_the_time_range()
     print_survey(Survey(files=1, lines=2, invalid=2), out)
     [row] = [line for line in out.getvalue().splitlines() if "event time range" in line]
     assert row.split("│")[2].strip() == "none: no line would be sent"
+
+
+def test_the_run_summary_says_how_to_keep_what_the_options_skipped() -> None:
+    from segreplay.mapping import SkipReason
+    from segreplay.reporting import Summary
+
+    err = io.StringIO()
+    reporter = ConsoleReporter(err=err, diff_out=io.StringIO())
+    summary = Summary(lines=200)
+    summary.skips[SkipReason.ANONYMOUS] = 41
+    summary.skips[SkipReason.SCREEN] = 134
+    reporter.summary(summary, None, 0)
+    rows = {
+        cells[1].strip(): cells[2].strip()
+        for line in err.getvalue().splitlines()
+        if len(cells := line.split("│")) == 4
+    }
+    assert rows["skipped: screens (--screens all keeps them)"] == "134"
+    assert rows["skipped: anonymous (--anonymous alias sends them)"] == "41"
+    assert "skipped: pages (--pages all keeps them)" not in rows  # none skipped
