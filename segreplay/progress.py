@@ -19,7 +19,7 @@ PLAIN_PROGRESS_EVERY_S = 30.0
 # Summary rows: (key, label). Counts that are zero and marked optional are left out.
 _ROWS = [
     ("lines", "lines read", False),
-    ("lines_already_done", "lines already delivered (resumed)", True),
+    ("lines_already_done", "lines already delivered (earlier runs)", True),
     ("files_already_done", "files already done", True),
     ("skipped_anonymous", skipped_label("skipped_anonymous"), False),
     ("skipped_alias", skipped_label("skipped_alias"), True),
