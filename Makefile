@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	bash scripts/demo.sh $(BIN)
+	bash scripts/demo.sh $(BIN)/python
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # make demo: start the local fake Braze, replay the bundled sample archive into it twice
-# (the second run has nothing new to send), print the summaries, stop the fake.
+# (the second run has nothing new to send), print the summaries, save what the fake holds,
+# stop the fake, and say how to run one to browse.
+# Usage: scripts/demo.sh [PYTHON]   (the Python that has segreplay installed)
 set -euo pipefail
-bin=${1:-.venv/bin}
+py=${1:-.venv/bin/python}
+root=$(cd "$(dirname "$0")/.." && pwd)
+samples=$root/samples/segment-logs
 out=out/demo
 rm -rf "$out" && mkdir -p "$out"
 
-"$bin/segreplay" fake-braze --port 0 --log "$out/fake-braze-accepted.jsonl" 2> "$out/fake-braze.log" &
+"$py" -m segreplay fake-braze --port 0 --log "$out/fake-braze-accepted.jsonl" 2> "$out/fake-braze.log" &
 fake=$!
 trap 'kill $fake 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
+for _ in $(seq 100); do  # the fake says where it listens once it does
   grep -q "listening on" "$out/fake-braze.log" 2>/dev/null && break
   sleep 0.1
 done
@@ -18,17 +22,50 @@ export BRAZE_REST_ENDPOINT=$url BRAZE_API_KEY=fake-key SEGREPLAY_STATE=$out/stat
 
 replay() {
   status=0
-  "$bin/segreplay" import samples/segment-logs --dead-letter "$out/dead-letter.jsonl" "$@" || status=$?
+  "$py" -m segreplay import "$samples" --dead-letter "$out/dead-letter.jsonl" "$@" || status=$?
   # 3 = finished, some lines rejected: the sample holds bad lines on purpose.
   [ "$status" -eq 0 ] || [ "$status" -eq 3 ] || exit "$status"
 }
 
 echo "== replaying samples/segment-logs into the local fake Braze at $url"
-replay --output "$out/requests.jsonl"
+replay --output "$out/requests.jsonl" --json > "$out/first-run.json"
 echo
 echo "== the same command again: everything is already delivered"
 replay --json > "$out/second-run.json" 2> /dev/null
-python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"second run: {s['requests']} requests, {s['files_already_done']} files already done\")" "$out/second-run.json"
-echo
-echo "fake Braze accepted: $(curl -s "$url/_fake/stats" 2>/dev/null || echo '(curl not installed)')"
-echo "request bodies: $out/requests.jsonl; rejected lines: $out/dead-letter.jsonl"
+
+"$py" - "$url" "$out" <<'PY'
+import json
+import sys
+import urllib.request
+
+url, out = sys.argv[1:]
+first = json.load(open(f"{out}/first-run.json"))
+second = json.load(open(f"{out}/second-run.json"))
+print(
+    f"second run: {second['requests']} requests sent, "
+    f"{second['files_already_done']} files already done"
+)
+stats = json.load(urllib.request.urlopen(f"{url}/_fake/stats"))
+with urllib.request.urlopen(f"{url}/_fake/profiles") as answer:
+    profiles = json.load(answer)
+with open(f"{out}/profiles.json", "w") as file:
+    json.dump(profiles, file, indent=1)
+accepted = stats["accepted"]
+print()
+print(
+    f"fake Braze accepted {stats['requests']} requests: {accepted['event']} events, "
+    f"{accepted['purchase']} purchases, and {first['attributes_sent']} attribute values "
+    f"in {accepted['attribute']} attributes objects (one per user and request)"
+)
+print(f"what it holds, profile by profile ({len(profiles['profiles'])}): {out}/profiles.json")
+print(f"request bodies: {out}/requests.jsonl; rejected lines: {out}/dead-letter.jsonl")
+PY
+
+cat <<TEXT
+
+The demo stops its fake Braze as it ends. To browse one, start it and replay into it:
+  $py -m segreplay fake-braze --port 4011 &
+  $py -m segreplay import samples/segment-logs --endpoint http://127.0.0.1:4011 \\
+      --api-key fake-key --state out/browse.sqlite
+  then open http://127.0.0.1:4011/_fake/profiles (also /_fake/stats and /_fake/accepted)
+TEXT

@@ -27,6 +27,7 @@ from segreplay.config import (
 from segreplay.errors import SegreplayError, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+FAKE_RATE = "3000/3"  # Braze's default /users/track limit
 
 
 def _fail(error: SegreplayError) -> None:
@@ -38,6 +39,97 @@ def _fail(error: SegreplayError) -> None:
     if error.hint:
         click.echo(f"hint: {error.hint}", err=True)
     sys.exit(EXIT_FATAL)
+
+
+def _state_option(command):
+    return click.option(
+        "--state",
+        "state_path",
+        envvar="SEGREPLAY_STATE",
+        show_envvar=True,
+        default=DEFAULT_STATE_PATH,
+        show_default=True,
+        metavar="PATH",
+        help="State and checkpoint database.",
+    )(command)
+
+
+# What decides which lines a replay sends and as what: `import` and `inspect` take the
+# same ones, so that inspect's "data points with dedupe" previews that very replay.
+_MAPPING_OPTIONS = (
+    click.option(
+        "--pages",
+        type=click.Choice(PAGE_MODES),
+        default="all",
+        show_default=True,
+        help="Which page calls become events: all, named ones only, or none.",
+    ),
+    click.option(
+        "--screens",
+        type=click.Choice(PAGE_MODES),
+        default="none",
+        show_default=True,
+        help="Which screen calls become events; skipped unless all or named.",
+    ),
+    click.option(
+        "--anonymous",
+        type=click.Choice(ANONYMOUS_MODES),
+        default="skip",
+        show_default=True,
+        help="Lines without a userId: skip them, or send them as Braze user aliases.",
+    ),
+    click.option(
+        "--update-existing-only",
+        is_flag=True,
+        help="Never create profiles: only update users Braze already has.",
+    ),
+    click.option(
+        "--purchase-event-too",
+        is_flag=True,
+        help="Also log a custom event for a track that became purchases.",
+    ),
+    click.option(
+        "--log-purchase-when-revenue-present",
+        is_flag=True,
+        help="A track with a numeric revenue and no products becomes one purchase.",
+    ),
+    click.option("--since", metavar="TIME", help="Only calls at or after this event time."),
+    click.option("--until", metavar="TIME", help="Only calls before this event time."),
+    click.option(
+        "--events-allow",
+        multiple=True,
+        metavar="NAME",
+        help="Only these custom events and purchases (repeatable).",
+    ),
+    click.option(
+        "--events-deny",
+        multiple=True,
+        metavar="NAME",
+        help="Never these custom events and purchases (repeatable).",
+    ),
+)
+
+
+def _mapping_options(command):
+    for option in reversed(_MAPPING_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _mapping(options: dict) -> MappingOptions:
+    """MappingOptions from the options _mapping_options added (taken out of `options`)."""
+    return MappingOptions(
+        pages=options.pop("pages"),
+        screens=options.pop("screens"),
+        anonymous=options.pop("anonymous"),
+        update_existing_only=options.pop("update_existing_only"),
+        purchase_event_too=options.pop("purchase_event_too"),
+        log_purchase_when_revenue_present=options.pop("log_purchase_when_revenue_present"),
+        since=parse_window_time("--since", options.pop("since")),
+        until=parse_window_time("--until", options.pop("until")),
+        events_allow=frozenset(options.pop("events_allow")),
+        events_deny=frozenset(options.pop("events_deny")),
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,6 +149,7 @@ def cli() -> None:
 @click.option(
     "--endpoint",
     envvar="BRAZE_REST_ENDPOINT",
+    show_envvar=True,
     metavar="URL|INSTANCE",
     help="Braze REST endpoint: US-03, rest.iad-03.braze.com or a full URL.",
 )
@@ -67,14 +160,7 @@ def cli() -> None:
     show_envvar=True,
     help="REST API key with users.track. Never printed or written anywhere.",
 )
-@click.option(
-    "--state",
-    "state_path",
-    envvar="SEGREPLAY_STATE",
-    default=DEFAULT_STATE_PATH,
-    show_default=True,
-    help="State and checkpoint database.",
-)
+@_state_option
 @click.option("--dry-run", is_flag=True, help="Send nothing and change no state.")
 @click.option("--diff", is_flag=True, help="With --dry-run: per-user changes, old -> new.")
 @click.option(
@@ -91,31 +177,13 @@ def cli() -> None:
     metavar="PATH",
     help="Rejected lines and dropped fields, as JSON lines.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("--pages", type=click.Choice(PAGE_MODES), default="all", show_default=True)
-@click.option("--screens", type=click.Choice(PAGE_MODES), default="none", show_default=True)
 @click.option(
-    "--anonymous",
-    type=click.Choice(ANONYMOUS_MODES),
-    default="skip",
-    show_default=True,
-    help="alias: send anonymous users as Braze user aliases.",
-)
-@click.option(
-    "--update-existing-only",
+    "--json",
+    "as_json",
     is_flag=True,
-    help="Never create profiles: only update users Braze already has.",
+    help="Print a JSON summary on stdout (the --diff goes to stderr then).",
 )
-@click.option(
-    "--purchase-event-too",
-    is_flag=True,
-    help="Also log a custom event for a track that became purchases.",
-)
-@click.option(
-    "--log-purchase-when-revenue-present",
-    is_flag=True,
-    help="A track with a numeric revenue and no products becomes one purchase.",
-)
+@_mapping_options
 @click.option(
     "--batch-limit",
     type=click.Choice(BATCH_LIMITS),
@@ -146,25 +214,9 @@ def cli() -> None:
     metavar="SECONDS",
     help="On SIGINT or SIGTERM, how long to wait for answers to requests in flight.",
 )
-@click.option("--since", metavar="TIME", help="Only calls at or after this event time.")
-@click.option("--until", metavar="TIME", help="Only calls before this event time.")
-@click.option(
-    "--events-allow",
-    multiple=True,
-    metavar="NAME",
-    help="Only these custom events and purchases (repeatable).",
-)
-@click.option(
-    "--events-deny",
-    multiple=True,
-    metavar="NAME",
-    help="Never these custom events and purchases (repeatable).",
-)
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
-                   dead_letter_path, as_json, pages, screens, anonymous, update_existing_only,
-                   purchase_event_too, log_purchase_when_revenue_present, batch_limit, rate,
-                   concurrency, stop_grace_s, since, until, events_allow,
-                   events_deny) -> None:  # fmt: skip
+                   dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
+                   **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -195,18 +247,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     from segreplay.stopping import StopNow, StopRequest
 
     try:
-        mapping = MappingOptions(
-            pages=pages,
-            screens=screens,
-            anonymous=anonymous,
-            update_existing_only=update_existing_only,
-            purchase_event_too=purchase_event_too,
-            log_purchase_when_revenue_present=log_purchase_when_revenue_present,
-            since=parse_window_time("--since", since),
-            until=parse_window_time("--until", until),
-            events_allow=frozenset(events_allow),
-            events_deny=frozenset(events_deny),
-        )
+        mapping = _mapping(mapping_options)
         rate_requests, rate_seconds = parse_rate(rate)
         delivery = None
         if not (dry_run or diff):  # --diff without --dry-run: RunConfig says what is wrong
@@ -241,7 +282,8 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
         )
     except SegreplayError as error:
         _fail(error)
-    reporter = ConsoleReporter()
+    # With --json, standard output holds the summary object alone: `| jq` must work.
+    reporter = ConsoleReporter(diff_out=sys.stderr if as_json else None)
     sink = None
     if delivery is not None:
         from segreplay.delivery import braze_sink
@@ -283,19 +325,20 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
 @cli.command("inspect")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--pages", type=click.Choice(PAGE_MODES), default="all", show_default=True)
-@click.option("--screens", type=click.Choice(PAGE_MODES), default="none", show_default=True)
-@click.option("--anonymous", type=click.Choice(ANONYMOUS_MODES), default="skip", show_default=True)
-def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
+@_mapping_options
+def inspect_command(sources, as_json, **mapping_options) -> None:
     """Tell what a replay of SOURCE... would do, without state or network.
 
     Lines by type, event names, users, anonymous share, duplicate messageIds, time
-    range, trait keys and how often they change, fields that are not sent, invalid
-    lines, and the Braze data points a replay would spend with and without dedupe.
+    range, what the options skip (and the option that keeps it), trait keys and how
+    often they change, fields that are not sent, invalid lines, and the Braze data
+    points a replay would spend with and without dedupe. It takes import's options that
+    change what is sent, so it previews that very replay.
 
     \b
-    Example:
+    Examples:
       segreplay inspect segment-logs/ --json | jq .data_points_with_dedupe
+      segreplay inspect segment-logs/ --screens all --since 2024-03-01
     """
     from segreplay.progress import print_survey
     from segreplay.reporting import SilentReporter
@@ -305,7 +348,7 @@ def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
         config = RunConfig(
             sources=tuple(sources),
             dry_run=True,
-            mapping=MappingOptions(pages=pages, screens=screens, anonymous=anonymous),
+            mapping=_mapping(mapping_options),
         )
         result = survey(config, SilentReporter())
     except SegreplayError as error:
@@ -329,6 +372,7 @@ def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
 @click.option(
     "--api-key",
     envvar="FAKE_BRAZE_API_KEY",
+    show_envvar=True,
     default="fake-key",
     show_default=True,
     help="The key the fake accepts.",
@@ -340,15 +384,18 @@ def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
     help="Append every accepted object here, one JSON line each.",
 )
 @click.option(
-    "--batch-limit", type=click.Choice(BATCH_LIMITS), default="combined", show_default=True
-)
-@click.option("--rate-limit", default=3000, show_default=True, help="Requests per window.")
-@click.option(
-    "--rate-window",
-    "rate_window_s",
-    default=3.0,
+    "--batch-limit",
+    type=click.Choice(BATCH_LIMITS),
+    default="combined",
     show_default=True,
-    help="Rate-limit window in seconds.",
+    help="per-type: 75 of each array, as on legacy contracts.",
+)
+@click.option(
+    "--rate",
+    default=FAKE_RATE,
+    show_default=True,
+    metavar="N/SECONDS",
+    help="/users/track requests allowed per window; beyond them, 429.",
 )
 @click.option(
     "--reset-style",
@@ -370,7 +417,7 @@ def inspect_command(sources, as_json, pages, screens, anonymous) -> None:
 )
 @click.option("--latency-ms", default=0.0, help="Delay before each answer.")
 @click.option("--seed", default=0, help="Seed for the fault draws.")
-def fake_braze_command(**options) -> None:
+def fake_braze_command(rate: str, **options) -> None:
     """A local stand-in for Braze's REST API, for rehearsals and tests.
 
     \b
@@ -383,16 +430,17 @@ def fake_braze_command(**options) -> None:
     from segreplay.fake import FakeBrazeConfig, serve
 
     try:
+        options["rate_limit"], options["rate_window_s"] = parse_rate(rate)
         config = FakeBrazeConfig(**options)
+    except SegreplayError as error:
+        _fail(error)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     serve(config)
 
 
 @cli.command("status")
-@click.option(
-    "--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH, show_default=True
-)
+@_state_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def status_command(state_path: str, as_json: bool) -> None:
     """What the state holds: files done and partly done, last runs and their summaries.
@@ -426,9 +474,7 @@ def status_command(state_path: str, as_json: bool) -> None:
 
 
 @cli.command("reset")
-@click.option(
-    "--state", "state_path", envvar="SEGREPLAY_STATE", default=DEFAULT_STATE_PATH, show_default=True
-)
+@_state_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def reset_command(state_path: str, yes: bool) -> None:
     """Forget everything the state holds, to replay from scratch.

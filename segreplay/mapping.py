@@ -58,7 +58,8 @@ _STRING_TRAITS = {
     "avatar": "image_url",
 }
 _PRODUCT_ID_KEYS = ("product_id", "id", "sku")
-_PRODUCT_FIELDS = frozenset({"product_id", "id", "sku", "price", "currency", "quantity"})
+# Fields a purchase carries as its own: not repeated in its properties.
+_PURCHASE_FIELDS = frozenset({"price", "currency", "quantity"})
 # Traits mapping.md names but does not send: `inspect` reports them as unmapped.
 UNMAPPED_ADDRESS_KEYS = ("street", "state", "postalCode", "postal_code")
 
@@ -392,13 +393,11 @@ def _add_purchases(call: Call, order: dict, products: list, options: MappingOpti
         if not isinstance(product, dict):
             call.rejected_objects.append(Rejected(f"{where} is not an object"))
             continue
-        product_id = next(
-            (product[k] for k in _PRODUCT_ID_KEYS if _nonblank_id(product.get(k))), None
-        )
-        if product_id is None:
+        id_key = next((k for k in _PRODUCT_ID_KEYS if _nonblank_id(product.get(k))), None)
+        if id_key is None:
             call.rejected_objects.append(Rejected(f"{where} has no product_id, id or sku"))
             continue
-        product_id = str(product_id).strip()
+        product_id = str(product[id_key]).strip()
         if len(product_id) > MAX_STRING_CHARS:
             call.rejected_objects.append(Rejected(f"{where}.product_id is longer than 255"))
             continue
@@ -422,7 +421,15 @@ def _add_purchases(call: Call, order: dict, products: list, options: MappingOpti
                 )
             )
             continue
-        extra = {k: v for k, v in product.items() if k not in _PRODUCT_FIELDS}
+        # The other fields go into properties (mapping.md): a `sku` beside a `product_id`
+        # is kept; the identifier used and blank ones carry nothing.
+        extra = {
+            k: v
+            for k, v in product.items()
+            if k not in _PURCHASE_FIELDS
+            and k != id_key
+            and (k not in _PRODUCT_ID_KEYS or _nonblank_id(v))
+        }
         if order_id is not None:
             extra["order_id"] = order_id
         properties = _event_properties(extra, call)

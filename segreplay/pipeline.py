@@ -127,11 +127,15 @@ class _Replay:
                                          lambda: fingerprint(archive), options)  # fmt: skip
         if point.done:
             summary.files_already_done += 1
+            summary.lines_already_done += point.skip
             self._bytes_before += archive.size or 0
             return
         summary.lines_already_done += point.skip
-        progress = self._ledger.open_file(archive, point.fingerprint, options, point.skip)
         reader = LineReader(archive, self._on_problem)
+        if not reader.is_archive():  # reported, and never checkpointed: every run says so
+            self._bytes_before += archive.size or 0
+            return
+        progress = self._ledger.open_file(archive, point.fingerprint, options, point.skip)
         self._reader = reader
         dead_letter = self._dead_letter
         path = archive.path

@@ -11,7 +11,7 @@ import time
 from typing import TextIO
 
 from segreplay.jsonutil import dumps
-from segreplay.reporting import Change, Summary
+from segreplay.reporting import SKIPPED_BY_OPTIONS, Change, Summary, skipped_label
 
 MAX_PROBLEM_MESSAGES = 20
 PLAIN_PROGRESS_EVERY_S = 30.0
@@ -19,19 +19,19 @@ PLAIN_PROGRESS_EVERY_S = 30.0
 # Summary rows: (key, label). Counts that are zero and marked optional are left out.
 _ROWS = [
     ("lines", "lines read", False),
-    ("lines_already_done", "lines already delivered (resumed)", True),
+    ("lines_already_done", "lines already delivered (earlier runs)", True),
     ("files_already_done", "files already done", True),
-    ("skipped_anonymous", "skipped: anonymous", False),
-    ("skipped_alias", "skipped: alias calls", True),
-    ("skipped_pages", "skipped: pages", True),
-    ("skipped_screens", "skipped: screens", True),
-    ("outside_window", "skipped: outside --since/--until", True),
-    ("filtered", "skipped: filtered by name", True),
+    ("skipped_anonymous", skipped_label("skipped_anonymous"), False),
+    ("skipped_alias", skipped_label("skipped_alias"), True),
+    ("skipped_pages", skipped_label("skipped_pages"), True),
+    ("skipped_screens", skipped_label("skipped_screens"), True),
+    ("outside_window", skipped_label("outside_window"), True),
+    ("filtered", skipped_label("filtered"), True),
     ("duplicates", "duplicates (messageId already sent)", False),
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
     ("fields_dropped", "fields dropped", False),
-    ("files_skipped", "files skipped (not JSON lines)", True),
+    ("files_skipped", "files skipped (not archives)", True),
     ("files_truncated", "files truncated", True),
     ("users", "users", False),
     ("requests", "requests", False),
@@ -51,8 +51,19 @@ def display_user(user: str) -> str:
     return user[2:] if user.startswith("e:") else f"alias {user[2:]}"
 
 
+class _UserDiff:
+    """One user's changes in a run: each attribute key once, as (old, known, final)."""
+
+    __slots__ = ("attributes", "added")
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, list] = {}  # key -> [old, known, final]
+        self.added: list[str] = []  # events and purchases, as lines, in decision order
+
+
 class ConsoleReporter:
-    """Problems and progress on standard error, the diff on `diff_out`."""
+    """Problems and progress on standard error; the diff, gathered over the run so that
+    each attribute shows once per user (old -> final), on `diff_out` at `finish`."""
 
     def __init__(self, err: TextIO | None = None, diff_out: TextIO | None = None) -> None:
         self._err = err or sys.stderr
@@ -62,13 +73,15 @@ class ConsoleReporter:
         self._started = time.monotonic()
         self._last_plain = self._started
         self._bar = None
+        self._diff: dict[str, _UserDiff] = {}  # in the order users first changed
 
     # Reporter --------------------------------------------------------------------------
 
     def problem(self, record: dict) -> None:
         self._problems += 1
         if self._problems <= MAX_PROBLEM_MESSAGES:
-            where = f"{record.get('source')}:{record.get('line')}"
+            line = record.get("line")  # 0: the whole file
+            where = f"{record.get('source')}:{line}" if line else str(record.get("source"))
             key = f" [{record['key']}]" if record.get("key") else ""
             self._write(f"{where}: {record.get('kind')}{key}: {record.get('reason')}")
         elif self._problems == MAX_PROBLEM_MESSAGES + 1:
@@ -93,31 +106,51 @@ class ConsoleReporter:
         self._write(f"progress: {meter} | {summary.lines:,} lines, {summary.requests:,} requests")
 
     def changes(self, changes: list[Change]) -> None:
-        out = self._diff_out
         for change in changes:
-            user = display_user(change.user)
+            user = self._diff.get(change.user)
+            if user is None:
+                user = self._diff[change.user] = _UserDiff()
             if change.what == "attribute":
-                new = dumps(change.new).decode()
-                if change.known:
-                    old = dumps(change.old).decode()
-                    out.write(f"{user}  ~ {change.key}: {old} -> {new}\n")
+                seen = user.attributes.get(change.key)
+                if seen is None:  # the value before the run: the first change's old one
+                    user.attributes[change.key] = [change.old, change.known, change.new]
                 else:
-                    out.write(f"{user}  + {change.key}: {new}\n")
+                    seen[2] = change.new
             elif change.what == "event":
-                out.write(f"{user}  + event {change.key!r} at {change.new['time']}\n")
+                user.added.append(f"+ event {change.key!r} at {change.new['time']}")
             else:
                 obj = change.new
-                out.write(
-                    f"{user}  + purchase {change.key!r} {obj['price']} {obj['currency']}"
-                    f" x{obj.get('quantity', 1)} at {obj['time']}\n"
+                user.added.append(
+                    f"+ purchase {change.key!r} {obj['price']} {obj['currency']}"
+                    f" x{obj.get('quantity', 1)} at {obj['time']}"
                 )
+
+    def _write_diff(self) -> None:
+        """Each user's attribute changes (a key that ends where it started is left out),
+        then the events and purchases it would get."""
+        diff, self._diff = self._diff, {}
+        out = self._diff_out
+        for user_key, user in diff.items():
+            name = display_user(user_key)
+            for key, (old, known, final) in user.attributes.items():
+                new = dumps(final).decode()
+                if not known:
+                    out.write(f"{name}  + {key}: {new}\n")
+                elif (old_text := dumps(old).decode()) != new:
+                    out.write(f"{name}  ~ {key}: {old_text} -> {new}\n")
+            for line in user.added:
+                out.write(f"{name}  {line}\n")
+        out.flush()
 
     # the rest --------------------------------------------------------------------------
 
     def finish(self) -> None:
+        """Stop the progress bar and write the diff gathered so far."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        if self._diff:
+            self._write_diff()
 
     def summary(self, summary: Summary, dead_letter: str | None, dead_letters: int) -> None:
         self.finish()
@@ -201,7 +234,7 @@ def print_survey(survey, out: TextIO | None = None) -> None:
         ("users", f"{report['users']:,}"),
         ("anonymous lines", f"{report['anonymous']:,} ({report['anonymous_share']:.1%})"),
         ("duplicate messageIds", f"{report['duplicate_message_ids']:,}"),
-        ("event time range", f"{first} .. {last}"),
+        ("event time range", f"{first} .. {last}" if first else "none: no line would be sent"),
         ("data points without dedupe", f"{report['data_points_without_dedupe']:,}"),
         ("data points with dedupe", f"{report['data_points_with_dedupe']:,}"),
     ):
@@ -209,6 +242,9 @@ def print_survey(survey, out: TextIO | None = None) -> None:
     console.print(overview)
     for title, columns, rows in (
         ("lines by type", ("type", "lines"), report["by_type"].items()),
+        ("skipped with these options", ("skipped", "lines", "to keep them"),
+         ((SKIPPED_BY_OPTIONS[k][0], v, SKIPPED_BY_OPTIONS[k][1] or "")
+          for k, v in report["skipped"].items())),
         ("custom events and purchases", ("name", "lines"), report["event_names"].items()),
         ("attributes", ("key", "lines", "changes"),
          ((k, v["lines"], v["changes"]) for k, v in report["traits"].items())),
@@ -221,7 +257,8 @@ def print_survey(survey, out: TextIO | None = None) -> None:
             continue
         table = Table(title=title, title_justify="left")
         for index, column in enumerate(columns):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            counts = index and column != "to keep them"
+            table.add_column(column, justify="right" if counts else "left")
         for row in rows:
             table.add_row(*(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row))
         console.print(table)
@@ -238,7 +275,12 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
     for options, count in report.get("files_by_options", {}).items():
         out.write(f"  {count:,} files read with: {options}\n")
     for item in report["files_in_progress"]:
-        out.write(f"  partly done: {item['path']} (lines 1-{item['lines_acked']:,} acknowledged)\n")
+        acked = item["lines_acked"]
+        if acked > 1:
+            done = f"lines 1-{acked:,} acknowledged"
+        else:
+            done = "line 1 acknowledged" if acked else "no line acknowledged yet"
+        out.write(f"  partly done: {item['path']} ({done})\n")
     for run in report["runs"]:
         summary = run["summary"] or {}
         out.write(

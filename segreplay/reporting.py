@@ -10,6 +10,23 @@ from typing import Protocol
 from segreplay.jsonutil import dumps
 from segreplay.mapping import SkipReason
 
+# Lines the mapping options skip, by their Summary counter: what they are, and how to
+# keep them (None where the user's own filter skipped them: nothing to say).
+SKIPPED_BY_OPTIONS: dict[str, tuple[str, str | None]] = {
+    "skipped_anonymous": ("anonymous", "--anonymous alias sends them"),
+    "skipped_alias": ("alias calls", "--anonymous alias uses them"),
+    "skipped_pages": ("pages", "--pages all keeps them"),
+    "skipped_screens": ("screens", "--screens all keeps them"),
+    "outside_window": ("outside --since/--until", None),
+    "filtered": ("filtered by --events-allow/--events-deny", None),
+}
+
+
+def skipped_label(counter: str) -> str:
+    """`skipped: screens (--screens all keeps them)`: what was skipped and how to keep it."""
+    what, keep = SKIPPED_BY_OPTIONS[counter]
+    return f"skipped: {what} ({keep})" if keep else f"skipped: {what}"
+
 
 @dataclass
 class Summary:
@@ -51,7 +68,9 @@ class Summary:
 
     @property
     def had_problems(self) -> bool:
-        return bool(self.invalid or self.rejected or self.files_skipped or self.files_truncated)
+        """Exit status 3. A skipped file (plainly not an archive: .DS_Store, a manifest)
+        is only a warning: it would otherwise fail the first run and pass the next."""
+        return bool(self.invalid or self.rejected or self.files_truncated)
 
     def to_dict(self) -> dict:
         summary = asdict(self)

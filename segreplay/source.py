@@ -10,10 +10,12 @@ import glob
 import hashlib
 import io
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import BinaryIO
 
 from segreplay.config import MAX_LINE_BYTES
@@ -43,10 +45,24 @@ _INPUT_BYTES = 1 << 14  # gzip bytes read at a time; JSON lines inflate 5-10x, t
 _GZIP_WBITS = 31  # zlib's code for a deflate stream in a gzip header and trailer
 
 
+class FileKind(Enum):
+    """What a file's first bytes say it is; the value is why a non-archive is skipped."""
+
+    GZIP = "gzip"
+    JSON_LINES = "JSON lines"
+    EMPTY = "empty file"
+    BLANK = "the file holds only blank lines"
+    OTHER = "neither gzip nor JSON lines"
+
+    @property
+    def is_archive(self) -> bool:
+        return self is FileKind.GZIP or self is FileKind.JSON_LINES
+
+
 @dataclass(frozen=True, slots=True)
 class ArchiveFile:
     path: str  # as found; "-" is standard input
-    size: int | None  # None for standard input
+    size: int | None  # None for a stream: standard input or a pipe
     mtime_ns: int | None = None
 
 
@@ -78,10 +94,12 @@ OnProblem = Callable[[ReadProblem], None]
 
 
 def discover(sources: Iterable[str]) -> list[ArchiveFile]:
-    """Expand files, directories (recursive, sorted), globs and `-` into archive files.
+    """Expand files, directories (recursive, sorted), globs, pipes and `-` into files.
 
-    A path that does not exist, or a glob that matches nothing, is a usage error: the
-    user almost certainly mistyped it, and replaying less than they meant is worse.
+    A path that does not exist, a glob that matches nothing, and a directory (or a glob's
+    matches) holding no archive file are usage errors: the user almost certainly mistyped
+    it, or the disk is not mounted, and replaying less than they meant is worse. A file
+    named on its own is read whatever it holds (an empty day is not an error).
     """
     found: list[ArchiveFile] = []
     seen: set[str] = set()
@@ -89,30 +107,64 @@ def discover(sources: Iterable[str]) -> list[ArchiveFile]:
     def add(path: str) -> None:
         if path not in seen:
             seen.add(path)
-            stat = os.stat(path)
-            found.append(ArchiveFile(path, stat.st_size, stat.st_mtime_ns))
+            info = os.stat(path)
+            found.append(ArchiveFile(path, info.st_size, info.st_mtime_ns))
 
     for source in sources:
         if source == STDIN:
             found.append(ArchiveFile(STDIN, None))
         elif os.path.isdir(source):
-            for path in _walk_sorted(source):
+            paths = _walk_sorted(source)
+            _check_holds_an_archive(source, paths, "the folder")
+            for path in paths:
                 add(path)
         elif os.path.isfile(source):
             add(source)
+        elif os.path.exists(source):
+            if not stat.S_ISFIFO(os.stat(source).st_mode):
+                raise UsageError(
+                    f"{source}: not a file, a folder or a pipe",
+                    "name the archive's folder, a file in it, or - for standard input",
+                )
+            found.append(ArchiveFile(source, None))  # e.g. <(aws s3 cp ... -): a stream
         elif glob.has_magic(source):
             matches = sorted(glob.glob(source, recursive=True))
             if not matches:
                 raise UsageError(f"{source}: the pattern matches no file")
+            paths = []
             for match in matches:
-                if os.path.isdir(match):
-                    for path in _walk_sorted(match):
-                        add(path)
-                else:
-                    add(match)
+                paths.extend(_walk_sorted(match) if os.path.isdir(match) else [match])
+            _check_holds_an_archive(source, paths, "the pattern")
+            for path in paths:
+                add(path)
         else:
             raise UsageError(f"{source}: no such file or directory")
     return found
+
+
+def _check_holds_an_archive(source: str, paths: list[str], what: str) -> None:
+    """An empty file counts: a quiet day's empty export is not a missing archive."""
+    if not paths:
+        raise UsageError(
+            f"{source}: {what} holds no file",
+            "check the path, and that the disk or bucket sync holding it is mounted",
+        )
+    if all(sniff_path(path) is FileKind.OTHER for path in paths):
+        raise UsageError(
+            f"{source}: {what} holds no archive file, only files that are neither gzip "
+            f"nor JSON lines (such as {os.path.basename(paths[0])})",
+            "check the path, and that the disk or bucket sync holding it is mounted",
+        )
+
+
+def sniff_path(path: str) -> FileKind | None:
+    """The kind of a regular file from its first bytes; None when it cannot be opened
+    (reading it later says why, with the file's name)."""
+    try:
+        with open(path, "rb") as file:
+            return sniff(file.read(_SNIFF_BYTES))
+    except OSError:
+        return None
 
 
 def _walk_sorted(root: str) -> list[str]:
@@ -134,6 +186,7 @@ class LineReader:
         self.archive = archive
         self._on_problem = on_problem
         self._raw: BinaryIO | None = None
+        self._kind: FileKind | None = None  # sniffed when the file is opened
 
     @property
     def bytes_read(self) -> int:
@@ -145,29 +198,49 @@ class LineReader:
         except (OSError, ValueError):
             return 0
 
+    def is_archive(self) -> bool:
+        """Open the file and sniff it. One that is not an archive is reported as a skipped
+        file and closed: a caller leaves it out of its checkpoints, so every run says so."""
+        kind = self._kind or self._open()
+        return kind.is_archive
+
     def lines(self, skip: int = 0) -> Iterator[tuple[int, bytes]]:
         """Every line after the first `skip` ones (already acknowledged in an earlier run)."""
+        kind = self._kind or self._open()
+        if not kind.is_archive:
+            return
+        raw = self._raw
+        try:
+            blocks = _inflate(raw) if kind is FileKind.GZIP else _read_blocks(raw)
+            yield from self._split(blocks, skip)
+        finally:
+            self._close()
+
+    def _open(self) -> FileKind:
         path = self.archive.path
         if path == STDIN:
             raw = sys.stdin.buffer
             if not hasattr(raw, "peek"):  # e.g. the BytesIO a test runner puts there
                 raw = io.BufferedReader(raw)
         else:
-            raw = open(path, "rb")  # noqa: SIM115
+            raw = open(path, "rb")  # noqa: SIM115 - closed in _close()
         self._raw = raw
         try:
-            head = raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
-            kind = _sniff(head)
-            if kind != "jsonl" and kind != "gzip":
-                self._on_problem(ReadProblem(path, 0, kind, skipped_file=True))
-                return
-            blocks = _inflate(raw) if kind == "gzip" else _read_blocks(raw)
-            yield from self._split(blocks, skip)
-        finally:
-            if path != STDIN:
-                raw.close()
-            elif raw is not sys.stdin.buffer:
-                self._raw = raw.detach()  # closing the wrapper would close standard input
+            kind = self._kind = sniff(raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES])
+        except BaseException:
+            self._close()
+            raise
+        if not kind.is_archive:
+            self._close()
+            self._on_problem(ReadProblem(path, 0, kind.value, skipped_file=True))
+        return kind
+
+    def _close(self) -> None:
+        raw = self._raw
+        if self.archive.path != STDIN:
+            raw.close()
+        elif raw is not sys.stdin.buffer:
+            self._raw = raw.detach()  # closing the wrapper would close standard input
 
     def _split(self, blocks: Iterator[bytes], skip: int) -> Iterator[tuple[int, bytes]]:
         number = 0  # lines complete so far, blank and over-long ones included
@@ -216,15 +289,16 @@ class LineReader:
             elif partial.strip():
                 yield number + 1, partial
         except _DECODE_ERRORS as error:
-            self._on_problem(
-                ReadProblem(
-                    self.archive.path,
-                    number + 1,
+            if number:
+                where = number + 1
+                reason = (
                     f"gzip data is truncated or corrupt after line {number:,} ({error}); "
-                    "the lines before it were read",
-                    truncated=True,
+                    "the lines before it were read"
                 )
-            )
+            else:  # nothing came out of it: the whole file is the problem, not a line
+                where = 0
+                reason = f"gzip data is corrupt or truncated before its first line ({error})"
+            self._on_problem(ReadProblem(self.archive.path, where, reason, truncated=True))
 
     def _too_long(self, number: int, head: bytes, size: int) -> None:
         self._on_problem(
@@ -270,13 +344,13 @@ def _inflate(raw: BinaryIO) -> Iterator[bytes]:
             raise EOFError("Compressed file ended before the end-of-stream marker was reached")
 
 
-def _sniff(head: bytes) -> str:
-    """'gzip', 'jsonl', or the reason the file is skipped."""
+def sniff(head: bytes) -> FileKind:
+    """A file's kind from its first bytes."""
     if head.startswith(GZIP_MAGIC):
-        return "gzip"
+        return FileKind.GZIP
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
-        return "empty file" if not head else "file holds only blank lines"
+        return FileKind.BLANK if head else FileKind.EMPTY
     if text[:1] in (b"{", b"["):
-        return "jsonl"
-    return "not gzip and not JSON lines: skipped"
+        return FileKind.JSON_LINES
+    return FileKind.OTHER

@@ -28,6 +28,7 @@ class Survey:
     invalid: int = 0
     rejected: int = 0
     anonymous: int = 0
+    skipped: Counter = field(default_factory=Counter)  # Summary counter -> lines the options skip
     by_type: Counter = field(default_factory=Counter)
     event_names: Counter = field(default_factory=Counter)
     users: int = 0
@@ -53,6 +54,7 @@ class Survey:
             "anonymous": self.anonymous,
             "anonymous_share": round(self.anonymous / self.lines, 4) if self.lines else 0.0,
             "by_type": dict(self.by_type.most_common()),
+            "skipped": dict(self.skipped.most_common()),
             "event_names": dict(self.event_names.most_common()),
             "users": self.users,
             "duplicate_message_ids": self.duplicate_message_ids,
@@ -109,6 +111,7 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
                 result.problems[mapped.reason] += 1
                 continue
             if type(mapped) is Skipped:
+                result.skipped[mapped.reason.value] += 1
                 if mapped.reason is SkipReason.ANONYMOUS:
                     result.anonymous += 1
                 continue

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -60,6 +61,9 @@ def test_a_clean_archive_exits_0(run, archive):
     [
         (["import", "no/such/dir", "--dry-run"], "no/such/dir: no such file or directory"),
         (["import", "nothing-*.gz", "--dry-run"], "nothing-*.gz: the pattern matches no file"),
+        (["import", "empty", "--dry-run"], "Error: empty: the folder holds no file\n"),
+        (["inspect", "empty"], "Error: empty: the folder holds no file\n"),
+        (["import", "/dev/null", "--dry-run"], "Error: /dev/null: not a file, a folder or a pipe"),
         (["import", SAMPLE], "no Braze endpoint"),
         (["import", SAMPLE, "--endpoint", "US-03"], "no Braze REST API key"),
         (
@@ -115,7 +119,8 @@ def test_a_clean_archive_exits_0(run, archive):
         ),
     ],
 )
-def test_usage_errors_exit_2_with_a_message(run, args, message):
+def test_usage_errors_exit_2_with_a_message(run, args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
     result = run(*args)
     assert result.exit_code == 2
     assert message in result.stderr
@@ -197,3 +202,127 @@ def test_status_says_which_options_files_were_read_with(tmp_path):
     )  # fmt: skip
     assert "  1 files read with: pages=all screens=none anonymous=skip\n" in result.stdout
     assert "  1 files read with: pages=all screens=all anonymous=skip\n" in result.stdout
+
+
+def test_a_stray_file_is_named_with_a_warning_and_exits_0(run, archive):
+    path = archive([track("A")])
+    (path.parent / "manifest.txt").write_text("files: 1\n")
+    result = run("import", str(path.parent), "--dry-run")
+    assert result.exit_code == 0
+    assert f"{path.parent / 'manifest.txt'}: skipped file: neither gzip nor JSON lines\n" in (
+        result.stderr
+    )
+
+
+def test_a_gzip_corrupt_from_its_start_is_named_without_a_line(run, archive):
+    path = archive([track("A")])
+    (path.parent / "fakegzip0000.gz").write_bytes(b"\x1f\x8b" + bytes(range(100)))
+    result = run("import", str(path.parent), "--dry-run")
+    assert result.exit_code == 3
+    assert (
+        f"{path.parent / 'fakegzip0000.gz'}: truncated file: gzip data is corrupt or truncated "
+        "before its first line (" in result.stderr
+    )
+
+
+def _logins_over_three_requests(archive):
+    """u1's logins change three times, each in a different request (75 objects apart)."""
+    lines = []
+    for day, logins in ((1, 2), (2, 1), (3, 3)):
+        time = f"2024-03-0{day}T00:00:00.000Z"
+        lines.append(identify("u1", time, logins=logins))
+        lines += [track("Filler", f"other-{day}-{n}", time) for n in range(80)]
+    return archive(lines)
+
+
+def test_the_diff_shows_each_key_once_per_user(run, archive):
+    result = run("import", str(_logins_over_three_requests(archive)), "--dry-run", "--diff")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("u1 ")] == ["u1  + logins: 3"]
+
+
+def test_with_json_the_diff_goes_to_stderr_so_stdout_is_one_object(archive, tmp_path):
+    path = _logins_over_three_requests(archive)
+    result = subprocess.run(
+        [sys.executable, "-m", "segreplay", "import", str(path), "--dry-run", "--diff", "--json"],
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0
+    assert orjson.loads(result.stdout)["events_sent"] == 240  # what `| jq` reads
+    assert b"u1  + logins: 3\n" in result.stderr
+
+
+def _commands():
+    yield "segreplay", cli
+    yield from cli.commands.items()
+
+
+def test_every_option_of_every_command_has_help_text():
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in _commands()
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("import", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]",
+                    "[env var: BRAZE_REST_ENDPOINT]", "[env var: BRAZE_API_KEY]"]),
+        ("status", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]"]),
+        ("reset", ["--state PATH", "[env var: SEGREPLAY_STATE; default: segreplay-state.sqlite]"]),
+        ("fake-braze", ["[env var: FAKE_BRAZE_API_KEY; default: fake-key]",
+                        "--rate N/SECONDS", "[default: 3000/3]"]),
+        ("inspect", ["--screens [all|named|none]", "--since TIME", "--until TIME",
+                     "--purchase-event-too", "--log-purchase-when-revenue-present",
+                     "--events-allow NAME", "--events-deny NAME", "--anonymous [skip|alias]"]),
+    ],
+)  # fmt: skip
+def test_help_shows_paths_and_environment_variables(command, shown):
+    result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    text = " ".join(result.stdout.split())  # as one line, whatever the wrapping
+    for piece in shown:
+        assert piece in text, piece
+
+
+def test_fake_braze_refuses_a_malformed_rate(run):
+    result = run("fake-braze", "--rate", "3000")
+    assert result.exit_code == 2
+    assert "--rate must look like N/SECONDS, e.g. 1500/3, not '3000'" in result.stderr
+
+
+def test_inspect_takes_the_options_that_change_what_a_replay_sends(run, archive):
+    path = archive([
+        identify("u1", "2024-03-01T00:00:00.000Z", plan="pro"),
+        track("Signed Up", "u1", "2024-03-01T00:00:00.000Z"),
+        track("Login", "u1", "2024-03-02T00:00:00.000Z"),
+        track("Order Completed", "u1", "2024-03-03T00:00:00.000Z",
+              products=[{"product_id": "p1", "price": 5}]),
+    ])  # fmt: skip
+
+    def with_dedupe(*options):
+        result = run("inspect", str(path), "--json", *options)
+        assert result.exit_code == 0, result.stderr
+        return orjson.loads(result.stdout)["data_points_with_dedupe"]
+
+    assert with_dedupe() == 4
+    assert with_dedupe("--since", "2024-03-02") == 2
+    assert with_dedupe("--until", "2024-03-02") == 2
+    assert with_dedupe("--purchase-event-too") == 5
+    assert with_dedupe("--events-deny", "Login") == 3
+    assert with_dedupe("--events-allow", "Login") == 2  # the identify's attribute, the Login
+
+
+def test_inspect_says_what_the_options_skip_and_how_to_keep_it(run):
+    report = orjson.loads(run("inspect", SAMPLE, "--json").stdout)
+    assert report["skipped"] == {"skipped_anonymous": 41, "skipped_screens": 35, "skipped_alias": 6}
+    text = run("inspect", SAMPLE).stdout
+    assert "│ screens     │    35 │ --screens all keeps them     │" in text
+    report = orjson.loads(run("inspect", SAMPLE, "--json", "--screens", "all").stdout)
+    assert "skipped_screens" not in report["skipped"]
+    assert report["by_type"]["screen"] == 35

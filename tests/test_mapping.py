@@ -643,7 +643,7 @@ PURCHASES = [
         DEFAULT,
         Out(
             purchases=[
-                pur("p1", 19.99, "EUR", 2, {"name": "Tee", **OID}),
+                pur("p1", 19.99, "EUR", 2, {"sku": "s1", "name": "Tee", **OID}),
                 pur("p2", 5, "EUR", 1, OID),
             ]
         ),
@@ -676,17 +676,18 @@ PURCHASES = [
         Out(purchases=[pur("p1", 5)]),
         id="no-order-id",
     ),
-    # product_id, else id, else sku
+    # product_id, else id, else sku; the identifiers not used are the product's other
+    # fields, so they go into properties (issue 13, item 8)
     pytest.param(
         order([{"product_id": "a", "id": "b", "sku": "c", "price": 1}]),
         DEFAULT,
-        Out(purchases=[pur("a", 1, properties=OID)]),
+        Out(purchases=[pur("a", 1, properties={"id": "b", "sku": "c", **OID})]),
         id="product_id-first",
     ),
     pytest.param(
         order([{"id": "b", "sku": "c", "price": 1}]),
         DEFAULT,
-        Out(purchases=[pur("b", 1, properties=OID)]),
+        Out(purchases=[pur("b", 1, properties={"sku": "c", **OID})]),
         id="then-id",
     ),
     pytest.param(

@@ -487,3 +487,25 @@ def test_screens_skipped_by_default_are_sent_by_a_run_with_screens_all(tmp_path,
     state = State(str(tmp_path / "state.sqlite"))
     assert list(state.report()["files_by_options"]) == ["pages=all screens=all anonymous=skip"]
     state.close()
+
+
+def test_a_stray_file_is_a_warning_on_every_run_and_never_a_problem(tmp_path, archive):
+    good = archive([track("A")], name="src/day/part-1.gz")
+    stray = good.parent / ".DS_Store"
+    stray.write_bytes(b"\x00\x00\x00\x01Bud1\x00\x00")
+    for run in (1, 2):
+        recorder = Recorder()
+        summary, _bodies = replay(tmp_path, [good.parent], reporter=recorder)
+        assert [(p["source"], p["line"], p["kind"], p["reason"]) for p in recorder.problems] == [
+            (str(stray), 0, "skipped file", "neither gzip nor JSON lines")
+        ], run
+        assert (summary.files, summary.files_skipped, summary.had_problems) == (2, 1, False)
+    assert summary.files_already_done == 1  # the archive only: the stray is never recorded
+
+
+def test_lines_already_done_counts_the_lines_of_files_already_done(tmp_path, archive):
+    path = archive([track("A"), track("B"), track("C")])
+    replay(tmp_path, [path])
+    summary, bodies = replay(tmp_path, [path])
+    assert bodies == []
+    assert (summary.files_already_done, summary.lines_already_done) == (1, 3)

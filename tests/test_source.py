@@ -33,9 +33,12 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _read(path: Path | str, skip: int = 0) -> tuple[list[tuple[int, bytes]], list[ReadProblem]]:
+def _read(
+    path: Path | str, skip: int = 0, size: int | None = -1
+) -> tuple[list[tuple[int, bytes]], list[ReadProblem]]:
     problems: list[ReadProblem] = []
-    size = None if path == "-" else Path(path).stat().st_size
+    if size == -1:
+        size = None if path == "-" else Path(path).stat().st_size
     lines = list(LineReader(ArchiveFile(str(path), size), problems.append).lines(skip))
     return lines, problems
 
@@ -100,6 +103,62 @@ def test_discover_refuses_a_glob_matching_nothing(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as raised:
         discover([pattern])
     assert raised.value.message == f"{pattern}: the pattern matches no file"
+
+
+HINT_MOUNTED = "check the path, and that the disk or bucket sync holding it is mounted"
+
+
+def test_discover_refuses_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "day").mkdir(parents=True)
+    with pytest.raises(UsageError) as raised:
+        discover([str(tmp_path / "empty")])
+    assert raised.value.message == f"{tmp_path / 'empty'}: the folder holds no file"
+    assert raised.value.hint == HINT_MOUNTED
+
+
+def test_discover_refuses_a_folder_of_stray_files(tmp_path: Path) -> None:
+    _write(tmp_path / "logs" / ".DS_Store", b"\x00\x00\x00\x01Bud1")
+    _write(tmp_path / "logs" / "manifest.txt", b"files: 3\n")
+    with pytest.raises(UsageError) as raised:
+        discover([str(tmp_path / "logs")])
+    assert raised.value.message == (
+        f"{tmp_path / 'logs'}: the folder holds no archive file, only files that are "
+        "neither gzip nor JSON lines (such as .DS_Store)"
+    )
+
+
+def test_discover_refuses_a_glob_matching_only_empty_folders(tmp_path: Path) -> None:
+    (tmp_path / "logs" / "day-1").mkdir(parents=True)
+    pattern = str(tmp_path / "logs" / "day-*")
+    with pytest.raises(UsageError) as raised:
+        discover([pattern])
+    assert raised.value.message == f"{pattern}: the pattern holds no file"
+
+
+def test_discover_takes_a_folder_with_an_empty_file(tmp_path: Path) -> None:
+    """A quiet day's empty export is not a missing archive."""
+    path = _write(tmp_path / "logs" / "part-1", b"")
+    assert [a.path for a in discover([str(tmp_path / "logs")])] == [str(path)]
+
+
+def test_discover_refuses_a_device_with_what_it_is(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as raised:
+        discover(["/dev/null"])
+    assert raised.value.message == "/dev/null: not a file, a folder or a pipe"
+
+
+def test_discover_reads_a_named_pipe_as_a_stream(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert discover([str(fifo)]) == [ArchiveFile(str(fifo), None)]
+    writer = threading.Thread(target=fifo.write_bytes, args=(gzip.compress(_jsonl(2)),))
+    writer.start()
+    lines, problems = _read(str(fifo), size=None)
+    writer.join()
+    assert [number for number, _ in lines] == [1, 2] and problems == []
 
 
 # LineReader: content, not names -------------------------------------------------------
@@ -223,11 +282,9 @@ def test_corrupt_gzip_is_reported_as_truncated(tmp_path: Path) -> None:
     ("data", "reason"),
     [
         pytest.param(b"", "empty file", id="empty"),
-        pytest.param(b"\n\n  \n", "file holds only blank lines", id="blank"),
-        pytest.param(
-            b"\x89PNG\r\n\x1a\n\x00\x00", "not gzip and not JSON lines: skipped", id="png"
-        ),
-        pytest.param(b"files: 3\nok\n", "not gzip and not JSON lines: skipped", id="text"),
+        pytest.param(b"\n\n  \n", "the file holds only blank lines", id="blank"),
+        pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00", "neither gzip nor JSON lines", id="png"),
+        pytest.param(b"files: 3\nok\n", "neither gzip nor JSON lines", id="text"),
     ],
 )
 def test_files_that_are_not_archives_are_skipped(tmp_path: Path, data: bytes, reason: str) -> None:
@@ -251,7 +308,7 @@ def test_the_committed_sample_reads_as_its_readme_says() -> None:
         count += sum(1 for _ in LineReader(archive, problems.append).lines())
     assert count == 400
     assert [(Path(p.path).name, p.reason) for p in problems] == [
-        ("manifest.txt", "not gzip and not JSON lines: skipped")
+        ("manifest.txt", "neither gzip nor JSON lines")
     ]
 
 
@@ -479,3 +536,12 @@ def test_streaming_a_50_mb_gzip_keeps_memory_flat(big_gzip: Path) -> None:
         tracemalloc.stop()
     assert count == 95_000
     assert peak < 4_000_000, f"peak {peak:,} bytes while streaming {size:,}"
+
+
+def test_a_gzip_corrupt_from_its_start_is_reported_for_the_whole_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "fakegzip0000.gz", b"\x1f\x8b" + bytes(range(200)))
+    lines, problems = _read(path)
+    assert lines == []
+    [problem] = problems
+    assert (problem.line, problem.truncated) == (0, True)
+    assert problem.reason.startswith("gzip data is corrupt or truncated before its first line (")

@@ -25,7 +25,8 @@ _ARRAYS = (("attributes", "attribute"), ("events", "event"), ("purchases", "purc
 
 @dataclass(frozen=True)
 class FakeBrazeConfig:
-    """Flags of `segreplay fake-braze` map 1:1 onto these fields (`--rate-429` -> rate_429)."""
+    """Flags of `segreplay fake-braze` map onto these fields (`--rate-429` -> rate_429;
+    `--rate N/SECONDS` -> rate_limit, rate_window_s)."""
 
     api_key: str = field(default="fake-key", repr=False)
     port: int = 0
