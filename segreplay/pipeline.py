@@ -116,7 +116,9 @@ def _replay(archives, config, state, ledger, summary, reporter, dead_letter) -> 
     for archive in archives:
         skip = 0
         checkpoint = state.checkpoint(archive.path) if archive.size is not None else None
-        if (
+        if archive.fingerprint is not None:
+            fingerprint = archive.fingerprint  # an object's ETag, from its listing
+        elif (
             checkpoint is not None
             and checkpoint.size == archive.size
             and checkpoint.mtime_ns == archive.mtime_ns

@@ -1,5 +1,7 @@
 """Finds archive files and streams their lines with their position.
 
+Local paths are read here; `s3://` and `gs://` URLs are listed and fetched by objstore.py.
+
 A file is read by its content, never its name: gzip by its magic bytes, else JSON lines.
 Problems (unreadable files, truncated gzip, over-long lines) go to a callback, not raised.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from segreplay.config import MAX_LINE_BYTES
-from segreplay.errors import UsageError
+from segreplay.errors import ObjectUnreadable, UsageError
 
 try:  # python-isal inflates 2-3x faster than zlib; same interface.
     from isal import isal_zlib as _zlib
@@ -44,9 +46,12 @@ _GZIP_WBITS = 31  # zlib's code for a deflate stream in a gzip header and traile
 
 @dataclass(frozen=True, slots=True)
 class ArchiveFile:
-    path: str  # as found; "-" is standard input
+    path: str  # as found; "-" is standard input; s3://bucket/key or gs://... for an object
     size: int | None  # None for standard input
     mtime_ns: int | None = None
+    # Known without reading the file: an object's ETag (or size and last-modified), so a
+    # done object is never fetched. None for a local file (its first bytes are hashed).
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,13 @@ def discover(sources: Iterable[str]) -> list[ArchiveFile]:
     for source in sources:
         if source == STDIN:
             found.append(ArchiveFile(STDIN, None))
+        elif _is_object_url(source):
+            for listed in _objects().discover(source):
+                if listed.url not in seen:
+                    seen.add(listed.url)
+                    found.append(
+                        ArchiveFile(listed.url, listed.size, listed.mtime_ns, listed.fingerprint)
+                    )
         elif os.path.isdir(source):
             for path in _walk_sorted(source):
                 add(path)
@@ -100,6 +112,23 @@ def discover(sources: Iterable[str]) -> list[ArchiveFile]:
         else:
             raise UsageError(f"{source}: no such file or directory")
     return found
+
+
+def _is_object_url(source: str) -> bool:
+    return source.startswith(("s3://", "gs://"))
+
+
+_object_source = None
+
+
+def _objects():
+    """The object store client, made on first use: local runs never import obstore."""
+    global _object_source
+    if _object_source is None:
+        from segreplay.objstore import ObjectSource
+
+        _object_source = ObjectSource()
+    return _object_source
 
 
 def _walk_sorted(root: str) -> list[str]:
@@ -139,6 +168,8 @@ class LineReader:
             raw = sys.stdin.buffer
             if not hasattr(raw, "peek"):  # e.g. the BytesIO a test runner puts there
                 raw = io.BufferedReader(raw)
+        elif _is_object_url(path):
+            raw = _objects().open(path, self.archive.size, self.archive.fingerprint)
         else:
             raw = open(path, "rb")  # noqa: SIM115
         self._raw = raw
@@ -150,6 +181,8 @@ class LineReader:
                 return
             blocks = _inflate(raw) if kind == "gzip" else _read_blocks(raw)
             yield from self._split(blocks, skip)
+        except ObjectUnreadable as error:
+            self._on_problem(ReadProblem(path, 0, str(error), skipped_file=True))
         finally:
             if path != STDIN:
                 raw.close()
