@@ -28,9 +28,9 @@ from segreplay.objerrors import Scheme, describe, read_error
 CHUNK_BYTES = 1 << 20
 # Tries in a row without a byte of progress before an object is given up as unreadable.
 RESUME_TRIES = 5
-# Listing fans out this many folder levels (source, then day) before each folder below is
-# listed whole; the folders are listed in parallel.
-_FAN_OUT_LEVELS = 2
+# Listing descends at most this many folder levels (e.g. segment-logs/, source, day) to
+# find folders to share out between the threads.
+_MAX_LEVELS = 4
 _LIST_THREADS = 16
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Fail fast on an endpoint that does not answer; the run as a whole is resumable.
@@ -180,22 +180,44 @@ class ObjectSource:
 
 
 def _list_tree(store: Any, prefix: str) -> list[dict]:
-    """All objects under `prefix`: a few folder levels by delimiter, then each folder
-    below in parallel, so thousands of day folders list in the time of a few."""
-    found: list[dict] = []
-    level = [prefix]
+    """All objects under `prefix`. Folder levels are listed by delimiter until there are
+    enough folders to share out (day folders, typically); the key range is then cut at
+    folder boundaries into one run per thread, each listed in full pages in parallel."""
+    found: dict[str, dict] = {}
+    folders = [prefix]
     with ThreadPoolExecutor(_LIST_THREADS) as pool:
-        for _ in range(_FAN_OUT_LEVELS):
-            folders: list[str] = []
-            for listing in pool.map(lambda p: obstore.list_with_delimiter(store, p or None), level):
-                found.extend(listing["objects"])
-                folders.extend(listing["common_prefixes"])
-            level = folders
-            if not level:
-                return found
-        for metas in pool.map(lambda p: obstore.list(store, p).collect(), level):
-            found.extend(metas)
-    return found
+        for _ in range(_MAX_LEVELS):
+            below: list[str] = []
+            for listing in pool.map(
+                lambda p: obstore.list_with_delimiter(store, p or None), folders
+            ):
+                found.update((meta["path"], meta) for meta in listing["objects"])
+                below.extend(listing["common_prefixes"])
+            if not below:
+                return list(found.values())
+            folders = below
+            if len(folders) >= _LIST_THREADS:
+                break
+        # Keys sort as folder + "/" + name: cut the range there, not at the folder name.
+        starts = sorted(folder + "/" for folder in folders)
+        step = -(-len(starts) // _LIST_THREADS)
+        bounds = starts[::step] + [None]
+        runs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        for metas in pool.map(lambda run: _list_run(store, prefix, *run), runs):
+            found.update((meta["path"], meta) for meta in metas)
+    return list(found.values())
+
+
+def _list_run(store: Any, prefix: str, first: str, stop: str | None) -> list[dict]:
+    """Objects under `prefix` from `first` (a folder + "/") up to `stop`, excluded."""
+    metas: list[dict] = []
+    # The offset is exclusive; nothing sorts between a folder's "x/" and its first key.
+    for page in obstore.list(store, prefix or None, offset=first, chunk_size=1000):
+        for meta in page:
+            if stop is not None and meta["path"] >= stop:
+                return metas
+            metas.append(meta)
+    return metas
 
 
 def _listed(url: ObjectURL, meta: dict) -> ListedObject:

@@ -351,3 +351,15 @@ def test_a_done_object_is_known_without_reading_it() -> None:
     archive = ArchiveFile("s3://b/k.gz", 10, 1, 'etag:"abc"')
     reader = LineReader(archive, lambda problem: None)
     assert reader.bytes_read == 10  # nothing opened
+
+
+def test_a_listing_shared_out_between_threads_finds_every_object_once() -> None:
+    """Many folders, cut into runs at folder boundaries: names that sort differently as
+    folders and as keys ("d-1" before "d/"), objects beside folders, none lost or twice."""
+    memory = MemoryStore()
+    keys = [f"logs/src/{day:04d}/part-{n}.gz" for day in range(0, 400, 3) for n in range(3)]
+    keys += ["logs/src/0003-x/late.gz", "logs/src/00030/odd.gz", "logs/src/top.gz", "logs/a.gz"]
+    for key in keys:
+        memory.put(key, b"{}\n")
+    listed = ObjectSource(lambda scheme, bucket: memory).discover("gs://bkt/logs/")
+    assert [o.url for o in listed] == sorted(f"gs://bkt/{key}" for key in keys)
