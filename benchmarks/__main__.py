@@ -9,6 +9,8 @@ the same run on the same archive (never absolute timings in tests).
   big state  the dry run against a state of 1M users and 10M messageIds, against an
              empty state: the state's cost in throughput, its size on disk
   fake       the fake Braze alone, so it is known not to be the bottleneck
+  s3         the dry run from s3:// on moto's server against local files; listing 5,000
+             objects (benchmarks/objstore_bench.py)
 
     python -m benchmarks [--lines 1000000] [--users 50000] [--repeat 2] [--skip-live] [--skip-fake]
                          [--state-users 1000000] [--state-messages 10000000]
@@ -316,6 +318,10 @@ def main() -> None:
                 )
 
         resume(folder, work, common, dry_rate)
+        from benchmarks import objstore_bench
+
+        objstore_bench.s3_dry_run(folder, work, options.repeat)
+        objstore_bench.listing(options.repeat)
         if options.state_users:
             big_state(work, common, dry_rate, options.state_users, options.state_messages)
     finally:

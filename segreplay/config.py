@@ -35,7 +35,7 @@ _INSTANCES = {
     "JP-01": "rest.jp-01.braze.com",
     "KR-01": "rest.kr-01.braze.com",
 }
-_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def resolve_endpoint(text: str) -> str:
             f"{host} is an SDK endpoint, not the REST API",
             "use the REST endpoint of the same instance, e.g. rest.iad-03.braze.com",
         )
-    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+    if parts.scheme == "http" and host not in LOOPBACK_HOSTS:
         raise UsageError(
             "plain http:// is only for a local fake Braze on a loopback host",
             "use https:// for a real workspace",

@@ -9,7 +9,8 @@
         └── StateError        the state file is unusable, locked by another run, or newer
 
 Problems with single lines or objects are not exceptions: they become dead-letter records
-and counts, and the run goes on.
+and counts, and the run goes on. (ObjectUnreadable only carries one object's problem from
+the object store up to the line reader, which reports it.)
 """
 
 
@@ -40,3 +41,7 @@ class DeliveryError(FatalError):
 
 class StateError(FatalError):
     pass
+
+
+class ObjectUnreadable(Exception):
+    """One archive object could not be read (deleted, or rewritten while it was read)."""

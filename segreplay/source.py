@@ -1,5 +1,7 @@
 """Finds archive files and streams their lines with their position.
 
+Local paths are read here; `s3://` and `gs://` URLs are listed and fetched by objstore.py.
+
 A file is read by its content, never its name: gzip by its magic bytes, else JSON lines.
 Problems (unreadable files, truncated gzip, over-long lines) go to a callback, not raised.
 """
@@ -19,7 +21,7 @@ from enum import Enum
 from typing import BinaryIO
 
 from segreplay.config import MAX_LINE_BYTES
-from segreplay.errors import UsageError
+from segreplay.errors import ObjectUnreadable, UsageError
 
 try:  # python-isal inflates 2-3x faster than zlib; same interface.
     from isal import isal_zlib as _zlib
@@ -53,6 +55,7 @@ class FileKind(Enum):
     EMPTY = "empty file"
     BLANK = "the file holds only blank lines"
     OTHER = "neither gzip nor JSON lines"
+    UNREADABLE = "could not be read"  # an object rewritten or deleted as it was opened
 
     @property
     def is_archive(self) -> bool:
@@ -61,9 +64,12 @@ class FileKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ArchiveFile:
-    path: str  # as found; "-" is standard input
+    path: str  # as found; "-" is standard input; s3://bucket/key or gs://... for an object
     size: int | None  # None for a stream: standard input or a pipe
     mtime_ns: int | None = None
+    # Known without reading the file: an object's ETag (or size and last-modified), so a
+    # done object is never fetched. None for a local file (its first bytes are hashed).
+    fingerprint: str | None = None
 
 
 _FINGERPRINT_BYTES = 65536
@@ -71,7 +77,10 @@ _FINGERPRINT_BYTES = 65536
 
 def fingerprint(archive: ArchiveFile) -> str:
     """A digest of the file's first bytes: with its size, how a file is recognised again
-    (a rotated or rewritten file at the same path is not)."""
+    (a rotated or rewritten file at the same path is not). An object's comes from its
+    listing, so a done object is never fetched."""
+    if archive.fingerprint is not None:
+        return archive.fingerprint
     if archive.size is None:
         return ""
     with open(archive.path, "rb") as file:
@@ -113,6 +122,13 @@ def discover(sources: Iterable[str]) -> list[ArchiveFile]:
     for source in sources:
         if source == STDIN:
             found.append(ArchiveFile(STDIN, None))
+        elif _is_object_url(source):
+            for listed in _objects().discover(source):
+                if listed.url not in seen:
+                    seen.add(listed.url)
+                    found.append(
+                        ArchiveFile(listed.url, listed.size, listed.mtime_ns, listed.fingerprint)
+                    )
         elif os.path.isdir(source):
             paths = _walk_sorted(source)
             _check_holds_an_archive(source, paths, "the folder")
@@ -167,6 +183,23 @@ def sniff_path(path: str) -> FileKind | None:
         return None
 
 
+def _is_object_url(source: str) -> bool:
+    return source.startswith(("s3://", "gs://"))
+
+
+_object_source = None
+
+
+def _objects():
+    """The object store client, made on first use: local runs never import obstore."""
+    global _object_source
+    if _object_source is None:
+        from segreplay.objstore import ObjectSource
+
+        _object_source = ObjectSource()
+    return _object_source
+
+
 def _walk_sorted(root: str) -> list[str]:
     paths = []
     for folder, dirs, files in os.walk(root):
@@ -213,6 +246,8 @@ class LineReader:
         try:
             blocks = _inflate(raw) if kind is FileKind.GZIP else _read_blocks(raw)
             yield from self._split(blocks, skip)
+        except ObjectUnreadable as error:  # rewritten under us: its new ETag is read next run
+            self._on_problem(ReadProblem(self.archive.path, 0, str(error), skipped_file=True))
         finally:
             self._close()
 
@@ -222,11 +257,23 @@ class LineReader:
             raw = sys.stdin.buffer
             if not hasattr(raw, "peek"):  # e.g. the BytesIO a test runner puts there
                 raw = io.BufferedReader(raw)
+        elif _is_object_url(path):
+            try:
+                raw = _objects().open(path, self.archive.size, self.archive.fingerprint)
+            except ObjectUnreadable as error:
+                self._on_problem(ReadProblem(path, 0, str(error), skipped_file=True))
+                self._kind = FileKind.UNREADABLE
+                return self._kind
         else:
             raw = open(path, "rb")  # noqa: SIM115 - closed in _close()
         self._raw = raw
         try:
             kind = self._kind = sniff(raw.peek(_SNIFF_BYTES)[:_SNIFF_BYTES])
+        except ObjectUnreadable as error:
+            self._close()
+            self._on_problem(ReadProblem(path, 0, str(error), skipped_file=True))
+            self._kind = FileKind.UNREADABLE
+            return self._kind
         except BaseException:
             self._close()
             raise
