@@ -100,6 +100,10 @@ class BrazeSink:
             notices.append(self._notices.popleft())
         return notices
 
+    @property
+    def budget_waits(self) -> int:
+        return self.budget.waits
+
     def stop(self) -> None:
         self._stopping.set()
 

@@ -184,6 +184,7 @@ class _Replay:
         for batch in self._batcher.take_sealed():
             while not sink.has_room(batch):
                 self._settle(sink.answers(_POLL_S))
+                self._report_progress()
                 if self._halted():
                     return  # never sent: their lines stay unacknowledged
             sink.submit(batch)
@@ -212,6 +213,7 @@ class _Replay:
                     self._summary.requests_abandoned = sink.in_flight
                     break
             self._settle(sink.answers(wait_s))
+            self._report_progress()
 
     def _settle(self, answers: list) -> None:
         for notice in self._sink.notices():
@@ -219,6 +221,7 @@ class _Replay:
         self._settler.settle(answers)
 
     def _report_progress(self, final: bool = False) -> None:
+        self._summary.budget_waits = self._sink.budget_waits
         reader = self._reader
         done = (
             self._bytes_total

@@ -42,9 +42,26 @@ _ROWS = [
     ("purchases_sent", "purchases sent", False),
     ("data_points", "data points", False),
     ("retries", "retries", True),
-    ("rate_limited", "rate-limit waits", True),
+    ("rate_limited", "429 answers (waited out)", True),
+    ("budget_waits", "waits for the --rate budget", True),
     ("elapsed_s", "elapsed (s)", False),
 ]
+
+
+def settled_bytes(summary: Summary, bytes_read: int) -> int:
+    """How far the run is, in bytes of the archive: what was read, less the share whose
+    requests Braze has not answered yet, so that the ETA follows acknowledgements."""
+    if not summary.requests:
+        return bytes_read
+    return bytes_read * summary.requests_acknowledged // summary.requests
+
+
+def _work(summary: Summary) -> str:
+    waits = summary.rate_limited + summary.budget_waits
+    return (
+        f"{summary.lines:,} lines, {summary.requests_acknowledged:,} of {summary.requests:,} "
+        f"requests acknowledged, {waits:,} rate-limit waits"
+    )
 
 
 def display_user(user: str) -> str:
@@ -65,12 +82,14 @@ class ConsoleReporter:
     """Problems and progress on standard error; the diff, gathered over the run so that
     each attribute shows once per user (old -> final), on `diff_out` at `finish`."""
 
-    def __init__(self, err: TextIO | None = None, diff_out: TextIO | None = None) -> None:
+    def __init__(self, err: TextIO | None = None, diff_out: TextIO | None = None,
+                 clock=time.monotonic) -> None:  # fmt: skip
         self._err = err or sys.stderr
         self._diff_out = diff_out or sys.stdout
         self._tty = self._err.isatty()
         self._problems = 0
-        self._started = time.monotonic()
+        self._clock = clock
+        self._started = clock()
         self._last_plain = self._started
         self._bar = None
         self._diff: dict[str, _UserDiff] = {}  # in the order users first changed
@@ -91,19 +110,20 @@ class ConsoleReporter:
         self._write(message)
 
     def progress(self, summary: Summary, bytes_done: int, bytes_total: int) -> None:
+        done = settled_bytes(summary, bytes_done)
         if self._tty:
-            self._rich_progress(summary, bytes_done, bytes_total)
+            self._rich_progress(summary, done, bytes_total)
             return
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_plain < PLAIN_PROGRESS_EVERY_S:
             return
         self._last_plain = now
         from tqdm import tqdm
 
         meter = tqdm.format_meter(
-            bytes_done, bytes_total or None, now - self._started, unit="B", unit_scale=True
+            done, bytes_total or None, now - self._started, unit="B", unit_scale=True
         )
-        self._write(f"progress: {meter} | {summary.lines:,} lines, {summary.requests:,} requests")
+        self._write(f"progress: {meter} | {_work(summary)}")
 
     def changes(self, changes: list[Change]) -> None:
         for change in changes:
@@ -203,14 +223,8 @@ class ConsoleReporter:
             )
             self._bar.start()
             self._task = self._bar.add_task("replay", total=bytes_total or None, detail="")
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        detail = (
-            f"{summary.lines:,} lines {summary.lines / elapsed:,.0f}/s | "
-            f"{summary.events_sent / elapsed:,.0f} events/s | "
-            f"{summary.requests:,} req {summary.requests / elapsed:,.0f}/s"
-        )
-        if summary.rate_limited:
-            detail += f" | {summary.rate_limited} rate-limit waits"
+        elapsed = max(self._clock() - self._started, 1e-9)
+        detail = f"{_work(summary)} | {summary.events_sent / elapsed:,.0f} events/s"
         self._bar.update(self._task, completed=bytes_done, detail=detail)
 
 

@@ -47,7 +47,8 @@ class Summary:
     events_sent: int = 0
     purchases_sent: int = 0
     retries: int = 0
-    rate_limited: int = 0
+    rate_limited: int = 0  # 429s
+    budget_waits: int = 0  # waits for the --rate budget before a request could go
     files: int = 0
     files_skipped: int = 0
     files_truncated: int = 0

@@ -54,6 +54,10 @@ class Sink(Protocol):
     def notices(self) -> list:
         """Failed attempts (retry.RetryNotice) since the last call, to tell the user."""
 
+    @property
+    def budget_waits(self) -> int:
+        """Times a request waited for the request budget."""
+
     def stop(self) -> None:
         """Start no new attempt; requests already on the wire may still answer."""
 
@@ -84,6 +88,8 @@ class DrySink:
 
     def notices(self) -> list:
         return []
+
+    budget_waits = 0
 
     def stop(self) -> None:
         pass

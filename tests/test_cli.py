@@ -326,3 +326,22 @@ def test_inspect_says_what_the_options_skip_and_how_to_keep_it(run):
     report = orjson.loads(run("inspect", SAMPLE, "--json", "--screens", "all").stdout)
     assert "skipped_screens" not in report["skipped"]
     assert report["by_type"]["screen"] == 35
+
+
+def test_a_host_that_does_not_resolve_is_said_at_each_try_and_fatal_after_the_second(tmp_path):
+    from conftest import write_archive
+
+    path = write_archive(tmp_path / "logs" / "a.gz", [track("A", "u1")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "SEGREPLAY_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "segreplay", "import", str(path), "--endpoint",
+         "https://rest.no-such-host.invalid", "--api-key", "k", "--state",
+         str(tmp_path / "state.sqlite")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    cause = "the host rest.no-such-host.invalid does not resolve (ConnectError: "
+    assert lines[0].startswith(f"warning: Braze: attempt 1 of 2 failed ({cause}")
+    assert re.fullmatch(r".*\); next in \d\.\d s", lines[0])
+    assert lines[1].startswith(f"error: Braze did not take a request after 2 attempts ({cause}")

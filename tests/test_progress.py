@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from segreplay.progress import ConsoleReporter, print_status
-from segreplay.reporting import Change
+from segreplay.progress import ConsoleReporter, print_status, settled_bytes
+from segreplay.reporting import Change, Summary
 
 
 def _reporter() -> tuple[ConsoleReporter, io.StringIO]:
@@ -89,3 +89,36 @@ def test_the_run_summary_says_how_to_keep_what_the_options_skipped() -> None:
     assert rows["skipped: screens (--screens all keeps them)"] == "134"
     assert rows["skipped: anonymous (--anonymous alias sends them)"] == "41"
     assert "skipped: pages (--pages all keeps them)" not in rows  # none skipped
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_a_terminal_a_plain_line_every_30_s_follows_acknowledgements() -> None:
+    err = io.StringIO()
+    clock = _Clock()
+    reporter = ConsoleReporter(err=err, clock=clock)
+    summary = Summary(lines=4000, requests=8, requests_acknowledged=2, rate_limited=1,
+                      budget_waits=3)  # fmt: skip
+    reporter.progress(summary, 800_000, 1_000_000)
+    assert err.getvalue() == ""  # not yet 30 s
+    clock.now += 30
+    reporter.progress(summary, 800_000, 1_000_000)
+    [line] = err.getvalue().splitlines()
+    # 2 of 8 requests answered: a quarter of what was read counts as done
+    assert line.startswith("progress:  20%|")
+    assert line.endswith("| 4,000 lines, 2 of 8 requests acknowledged, 4 rate-limit waits")
+    clock.now += 10
+    reporter.progress(summary, 900_000, 1_000_000)
+    assert len(err.getvalue().splitlines()) == 1
+
+
+def test_settled_bytes_are_what_was_read_until_a_request_is_sent() -> None:
+    assert settled_bytes(Summary(), 500) == 500
+    assert settled_bytes(Summary(requests=4, requests_acknowledged=4), 500) == 500
+    assert settled_bytes(Summary(requests=4, requests_acknowledged=1), 500) == 125
