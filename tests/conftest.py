@@ -87,6 +87,7 @@ class ScheduledSink:
     submit raises, as a crash would stop the loop."""
 
     error = None
+    budget_waits = 0
 
     def __init__(self, schedule=lambda waiting: waiting, window=None, fail_after=None):
         self._schedule = schedule
