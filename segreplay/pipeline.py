@@ -12,10 +12,11 @@ import os
 import shutil
 import tempfile
 import time as _time
+from collections import deque
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
-from segreplay.batching import Batcher
+from segreplay.batching import Batch, Batcher
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
 from segreplay.ledger import Ledger
@@ -31,6 +32,7 @@ from segreplay.times import format_time
 
 CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
+_QUEUE_BATCHES = 16  # sealed batches that may wait for the sink before deciding waits too
 
 
 def run_import(
@@ -100,6 +102,7 @@ class _Replay:
         self._bytes_before = 0
         self._bytes_total = 0
         self._reader: LineReader | None = None  # the file being read
+        self._queue: deque[Batch] = deque()  # sealed, waiting for room in the sink
 
     def _halted(self) -> bool:
         return self._stop.requested or self._sink.error is not None
@@ -112,7 +115,7 @@ class _Replay:
             self._replay_file(archive)
         if not self._halted():
             self._batcher.flush()
-            self._submit_sealed()
+            self._send(until_empty=True)
         self._drain()
         self._ledger.commit()
         self._report_progress(final=not self._halted())
@@ -172,22 +175,35 @@ class _Replay:
         self._ledger.close_file(progress)
 
     def _decide(self, progress, chunk: list) -> None:
-        """Decide a chunk of lines, submit the batches it sealed, settle what answered."""
+        """Decide a chunk of lines; between slices of it, send what sealed."""
         self._summary.lines += len(chunk)
-        self._ledger.decide_chunk(progress, chunk)
-        self._submit_sealed()
+        for _ in self._ledger.decide_chunk(progress, chunk):
+            self._send()
         self._settle(self._sink.answers(0))
         self._report_progress()
 
-    def _submit_sealed(self) -> None:
+    def _send(self, until_empty: bool = False) -> None:
+        """Submit sealed batches in order while the sink has room, settling the answers
+        that free it. Waits only when more than a window's worth is queued (or, at the
+        end, until every batch is sent), so deciding and sending overlap."""
+        queue = self._queue
+        queue.extend(self._batcher.take_sealed())
         sink = self._sink
-        for batch in self._batcher.take_sealed():
-            while not sink.has_room(batch):
-                self._settle(sink.answers(_POLL_S))
-                self._report_progress()
+        while queue:
+            batch = queue[0]
+            if not sink.has_room(batch):
+                answers = sink.answers(0)
+                if not answers:
+                    if not until_empty and len(queue) <= _QUEUE_BATCHES:
+                        return  # keep deciding; try again after the next slice
+                    answers = sink.answers(_POLL_S)
+                    self._report_progress()
+                self._settle(answers)
                 if self._halted():
-                    return  # never sent: their lines stay unacknowledged
-            sink.submit(batch)
+                    queue.clear()  # never sent: their lines stay unacknowledged
+                    return
+                continue
+            sink.submit(queue.popleft())
             self._summary.requests += 1
 
     def _drain(self) -> None:

