@@ -60,6 +60,7 @@ class BrazeSink:
         self._in_flight: dict[Future, Batch] = {}
         self._users_in_flight: set[str] = set()
         self.error: BaseException | None = None  # what stopped delivery, once it has
+        self.unsent = 0  # submitted, then abandoned by a stop before any attempt
 
     @property
     def in_flight(self) -> int:
@@ -85,8 +86,9 @@ class BrazeSink:
             self._users_in_flight.difference_update(batch.ordered_users)
             try:
                 answers.append(future.result())
-            except Abandoned:
-                pass  # never answered: its lines stay unacknowledged and are read again
+            except Abandoned as abandoned:
+                # Never answered: its lines stay unacknowledged and are read again.
+                self.unsent += not abandoned.sent
             except BaseException as error:  # noqa: BLE001 - the pipeline raises it
                 if self.error is None:
                     self.error = error
@@ -114,7 +116,7 @@ class BrazeSink:
 
     def _wait_unless_stopped(self, seconds: float) -> None:
         if self._stopping.wait(seconds):
-            raise Abandoned
+            raise Abandoned(sent=False)  # deliver() says whether an attempt was made
 
     def _deliver(self, batch: Batch) -> Answer:
         delivered = self._policy.deliver(self._post, batch.body)

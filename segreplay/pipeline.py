@@ -117,6 +117,7 @@ class _Replay:
             self._batcher.flush()
             self._send(until_empty=True)
         self._drain()
+        self._summary.requests -= self._sink.unsent  # a stop came before they went out
         self._ledger.commit()
         self._report_progress(final=not self._halted())
         if self._sink.error is not None:
