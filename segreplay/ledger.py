@@ -160,6 +160,16 @@ class Ledger:
         if view is None:
             committed = self._state.user_attributes(user)
             known = committed is not None
+            if not known and call.is_alias and not self._options.update_existing_only:
+                # Braze creates an alias-only profile only from an attributes object
+                # that says so, and drops events for an alias it does not hold: that
+                # object goes first, once per alias across runs.
+                obj = {**call.identifier, "_update_existing_only": False}
+                batch = self._batcher.add_attributes(user, obj, origin, size)
+                self._attach(batch, user, {}, progress, line)
+                view = self._overlay[user] = {}
+                committed, known = view, True
+                self._summary.aliases_created += 1
         else:
             committed, known = view, True
         sent_objects = (

@@ -19,14 +19,16 @@ from datetime import UTC, datetime
 from segreplay.batching import Batch, Batcher
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
+from segreplay.identity import Link, Links, scan
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
+from segreplay.merging import Post, dry_post, plan_merges, send_merges
 from segreplay.reading import Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
 from segreplay.settling import Settler
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
-from segreplay.state import State, StateLock
+from segreplay.state import ResumePoint, State, StateLock
 from segreplay.stopping import StopNow, StopRequest
 from segreplay.times import format_time
 
@@ -42,11 +44,13 @@ def run_import(
     stop: StopRequest | None = None,
     stop_grace_s: float = DEFAULT_STOP_GRACE_S,
     chunk_lines: int = CHUNK_LINES,
+    user_ops: Post | None = None,
 ) -> Summary:
     """Replay `config.sources` into `sink` (a dry run when None; closed here). Returns
     the summary, with `interrupted` set when `stop` was requested; raises
     SegreplayError when the run cannot go on. Answers are settled between chunks of
-    `chunk_lines` lines."""
+    `chunk_lines` lines. `user_ops` posts merges (/users/identify, /users/merge); a dry
+    run's acknowledges them."""
     started = _time.monotonic()
     archives = discover(config.sources)
     _check_folder("--output", config.output_path)
@@ -65,7 +69,8 @@ def run_import(
         status = "failed"
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
-                             stop or StopRequest(), stop_grace_s, chunk_lines)  # fmt: skip
+                             stop or StopRequest(), stop_grace_s, chunk_lines,
+                             user_ops or dry_post)  # fmt: skip
             replay.run(archives)
             status = "interrupted" if summary.interrupted else "finished"
         except BaseException as error:
@@ -84,8 +89,8 @@ class _Replay:
 
     def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
                  reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
-                 stop: StopRequest, stop_grace_s: float,
-                 chunk_lines: int) -> None:  # fmt: skip
+                 stop: StopRequest, stop_grace_s: float, chunk_lines: int,
+                 user_ops: Post) -> None:  # fmt: skip
         self._config = config
         self._state = state
         self._summary = summary
@@ -103,32 +108,65 @@ class _Replay:
         self._bytes_total = 0
         self._reader: LineReader | None = None  # the file being read
         self._queue: deque[Batch] = deque()  # sealed, waiting for room in the sink
+        self._output = output
+        self._user_ops = user_ops
+        self._links = Links(state.link) if config.mapping.anonymous == "alias" else None
 
     def _halted(self) -> bool:
         return self._stop.requested or self._sink.error is not None
 
     def run(self, archives: list[ArchiveFile]) -> None:
         self._bytes_total = sum(a.size or 0 for a in archives)
-        for archive in archives:
+        options = self._config.mapping.decides_lines()
+        points = [
+            (archive, self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
+                                               lambda a=archive: fingerprint(a), options))
+            for archive in archives
+        ]  # fmt: skip
+        new_links = self._resolve(points) if self._links is not None else []
+        for archive, point in points:
             if self._halted():
                 break
-            self._replay_file(archive)
+            self._replay_file(archive, point, options)
         if not self._halted():
             self._batcher.flush()
             self._send(until_empty=True)
         self._drain()
         self._summary.requests -= self._sink.unsent  # a stop came before they went out
         self._ledger.commit()
-        self._report_progress(final=not self._halted())
         if self._sink.error is not None:
             raise self._sink.error
+        if self._links is not None and not self._halted():
+            plan_merges(self._state, new_links)  # users this run created may need one too
+            send_merges(self._state, self._user_ops, self._summary, self._reporter,
+                        self._dead_letter, self._output, self._config.diff)  # fmt: skip
+        self._report_progress(final=not self._halted())
         self._summary.interrupted = self._stop.requested
 
-    def _replay_file(self, archive: ArchiveFile) -> None:
+    def _resolve(self, points: list) -> list[Link]:
+        """The first pass, with --anonymous alias: find who anonymous visitors are in the
+        lines this run will read, record it, and plan the merges of profiles Braze holds."""
+        links = self._links
+        for archive, point in points:
+            if not point.done:
+                scan(LineReader(archive, lambda problem: None), point.skip, links)
+        new, conflicts = links.settle()
+        for conflict in conflicts:
+            link = conflict.link
+            self._summary.identity_conflicts += 1
+            self._dead_letter.write(
+                link.path, link.line, "identity conflict",
+                f"anonymousId {link.anonymous_id} is already {conflict.kept}; this line links "
+                f"it to {link.external_id} (the first link by event time keeps)",
+                {"anonymousId": link.anonymous_id, "userId": link.external_id,
+                 "kept": conflict.kept, "time": link.time},
+            )  # fmt: skip
+        self._state.record_links((n.anonymous_id, n.external_id, n.time) for n in new)
+        plan_merges(self._state, new)
+        return new
+
+    def _replay_file(self, archive: ArchiveFile, point: ResumePoint, options: str) -> None:
         summary = self._summary
-        options = self._config.mapping.decides_lines()
-        point = self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
-                                         lambda: fingerprint(archive), options)  # fmt: skip
         if point.done:
             summary.files_already_done += 1
             summary.lines_already_done += point.skip
@@ -145,7 +183,8 @@ class _Replay:
         path = archive.path
         chunk: list = []
         add = chunk.append
-        for number, raw, record, mapped in mapped_lines(reader, self._config.mapping, point.skip):
+        lines = mapped_lines(reader, self._config.mapping, point.skip, self._links)
+        for number, raw, record, mapped in lines:
             if len(chunk) >= self._chunk_lines:
                 self._decide(progress, chunk)
                 if self._halted():
@@ -154,6 +193,8 @@ class _Replay:
                 add = chunk.append
             kind = type(mapped)
             if kind is Call:
+                if mapped.resolved_from:
+                    summary.anonymous_resolved += 1
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
                 add((number, len(raw), mapped))

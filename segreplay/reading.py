@@ -22,10 +22,11 @@ class Invalid:
 
 
 def mapped_lines(
-    reader: LineReader, options: MappingOptions, skip: int = 0
+    reader: LineReader, options: MappingOptions, skip: int = 0, links=None
 ) -> Iterator[tuple[int, bytes, dict | None, Mapped | Invalid]]:
     """(line number, raw line, parsed record or None, what it maps to) for each line
-    after the first `skip`. Problems with the file itself go to the reader's callback."""
+    after the first `skip`; `links` resolves anonymousIds (identity.Links). Problems with
+    the file itself go to the reader's callback."""
     for number, raw in reader.lines(skip):
         try:
             record = loads(raw)
@@ -35,7 +36,7 @@ def mapped_lines(
         if type(record) is not dict:
             yield number, raw, None, Invalid("not a JSON object")
             continue
-        yield number, raw, record, map_call(record, options, len(raw))
+        yield number, raw, record, map_call(record, options, len(raw), links)
 
 
 def invalid_record(raw: bytes) -> str:
