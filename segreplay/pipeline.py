@@ -20,6 +20,7 @@ from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
+from segreplay.privacy import Forgotten
 from segreplay.reading import Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
 from segreplay.settling import Settler
@@ -100,6 +101,8 @@ class _Replay:
         self._bytes_before = 0
         self._bytes_total = 0
         self._reader: LineReader | None = None  # the file being read
+        # Users never to send (privacy.md); None when there are none, as is usual.
+        self._forgotten = Forgotten(state.deleted_digests(), config.suppressed) or None
 
     def _halted(self) -> bool:
         return self._stop.requested or self._sink.error is not None
@@ -141,6 +144,7 @@ class _Replay:
         path = archive.path
         chunk: list = []
         add = chunk.append
+        forgotten = self._forgotten
         for number, raw, record, mapped in mapped_lines(reader, self._config.mapping, point.skip):
             if len(chunk) >= self._chunk_lines:
                 self._decide(progress, chunk)
@@ -148,6 +152,10 @@ class _Replay:
                     return  # the rest of the file is read again by the next run
                 chunk = []
                 add = chunk.append
+            if forgotten is not None and (reason := forgotten.reason_for(mapped, record)):
+                summary.skip(reason)  # deleted or suppressed: nothing of theirs goes anywhere
+                add((number, 0, None))
+                continue
             kind = type(mapped)
             if kind is Call:
                 if mapped.drops or mapped.rejected_objects:

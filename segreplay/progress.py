@@ -27,6 +27,8 @@ _ROWS = [
     ("skipped_screens", skipped_label("skipped_screens"), True),
     ("outside_window", skipped_label("outside_window"), True),
     ("filtered", skipped_label("filtered"), True),
+    ("skipped_deleted", "skipped: deleted users", True),
+    ("skipped_suppressed", "skipped: suppressed users (--suppress)", True),
     ("duplicates", "duplicates (messageId already sent)", False),
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
@@ -270,7 +272,8 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
     out.write(f"state {report['state']} (schema {report['schema_version']})\n")
     out.write(
         f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
-        f"{report['files_done']:,} of {report['files']:,} files done\n"
+        f"{report['files_done']:,} of {report['files']:,} files done, "
+        f"{report['deleted_users']:,} deleted users\n"
     )
     for options, count in report.get("files_by_options", {}).items():
         out.write(f"  {count:,} files read with: {options}\n")
