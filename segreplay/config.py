@@ -121,6 +121,24 @@ class RunConfig:
             )
 
 
+@dataclass(frozen=True)
+class DeleteConfig:
+    """`segreplay delete`: where the state and the dead letter are, and how to send."""
+
+    state_path: str = DEFAULT_STATE_PATH
+    dead_letter_path: str | None = DEFAULT_DEAD_LETTER_PATH
+    dry_run: bool = False
+    delivery: DeliveryOptions | None = None  # None only for a dry run
+
+    def __post_init__(self) -> None:
+        if not self.dry_run and self.delivery is None:
+            raise UsageError(
+                "no Braze endpoint and key",
+                "pass --endpoint and --api-key (or BRAZE_REST_ENDPOINT and BRAZE_API_KEY), "
+                "or use --dry-run",
+            )
+
+
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")

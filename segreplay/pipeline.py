@@ -8,27 +8,22 @@ is ever settled while a line is half decided.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time as _time
 from contextlib import ExitStack
-from datetime import UTC, datetime
 
 from segreplay.batching import Batcher
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
-from segreplay.errors import UsageError
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
 from segreplay.privacy import Forgotten
 from segreplay.reading import Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
+from segreplay.runfiles import check_folder, now, open_state
 from segreplay.settling import Settler
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
-from segreplay.state import State, StateLock
+from segreplay.state import State
 from segreplay.stopping import StopNow, StopRequest
-from segreplay.times import format_time
 
 CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
@@ -48,19 +43,19 @@ def run_import(
     `chunk_lines` lines."""
     started = _time.monotonic()
     archives = discover(config.sources)
-    _check_folder("--output", config.output_path)
-    _check_folder("--dead-letter", config.dead_letter_path)
+    check_folder("--output", config.output_path)
+    check_folder("--dead-letter", config.dead_letter_path)
     if not config.dry_run:
-        _check_folder("--state", config.state_path)
+        check_folder("--state", config.state_path)
     summary = Summary(dry_run=config.dry_run, files=len(archives))
     with ExitStack() as stack:
         sink = sink or DrySink()
         stack.callback(sink.close)
-        state = open_state(config, stack)
+        state = open_state(config.state_path, config.dry_run, stack)
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
-        run_id = state.start_run(_now())
+        run_id = state.start_run(now())
         status = "failed"
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
@@ -74,7 +69,7 @@ def run_import(
         finally:
             summary.users = state.users_in_run(run_id)
             summary.elapsed_s = _time.monotonic() - started
-            state.finish_run(run_id, _now(), status, summary.to_dict())
+            state.finish_run(run_id, now(), status, summary.to_dict())
     return summary
 
 
@@ -258,37 +253,3 @@ class _Replay:
         for rejection in call.rejected_objects:
             summary.rejected += 1
             self._dead_letter.write(path, number, "rejected", rejection.reason, record)
-
-
-def _check_folder(option: str, path: str | None) -> None:
-    """Say so before the run, not after an hour of it, when a file cannot be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{option} {path}: the folder {folder} is not writable")
-
-
-def _now() -> str:
-    return format_time(datetime.now(UTC))
-
-
-def open_state(config: RunConfig, stack: ExitStack) -> State:
-    """The state a run works on, closed with `stack`. A dry run works on a private copy,
-    then drops it, so it sees everything earlier runs delivered and never changes the
-    real file."""
-    if not config.dry_run:
-        stack.enter_context(StateLock(config.state_path))
-        state = State(config.state_path)
-        stack.callback(state.close)
-        return state
-    folder = tempfile.mkdtemp(prefix="segreplay-dry-run-")
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    scratch = os.path.join(folder, "state.sqlite")
-    if os.path.exists(config.state_path):
-        State.snapshot(config.state_path, scratch)
-    state = State(scratch, durable=False)
-    stack.callback(state.close)
-    return state
