@@ -215,7 +215,7 @@ def big_state(work: Path, common: list[str], dry_rate: float, users: int, messag
                 ((f"e:bulk-user-{n}", blob) for n in range(users)),
             )
             db.executemany(
-                "INSERT OR IGNORE INTO delivered VALUES (?)",
+                "INSERT OR IGNORE INTO delivered (hash) VALUES (?)",
                 ((rng.getrandbits(63),) for _ in range(messages)),
             )
         db.close()

@@ -22,7 +22,7 @@ _OBJECT_OVERHEAD_BYTES = 512  # identifiers, name, time and punctuation beyond t
 @dataclass(slots=True, eq=False)
 class Batch:
     """One /users/track request: its arrays, where each object came from, the digests of
-    its events and purchases, and (once sealed) its body."""
+    its events and purchases with their users' state keys, and (once sealed) its body."""
 
     seq: int
     attributes: dict[str, dict] = field(default_factory=dict)  # user -> object
@@ -30,9 +30,11 @@ class Batch:
     events: list[dict] = field(default_factory=list)
     event_origins: list[Origin] = field(default_factory=list)
     event_digests: list[int | None] = field(default_factory=list)
+    event_users: list[str] = field(default_factory=list)
     purchases: list[dict] = field(default_factory=list)
     purchase_origins: list[Origin] = field(default_factory=list)
     purchase_digests: list[int | None] = field(default_factory=list)
+    purchase_users: list[str] = field(default_factory=list)
     # Users whose objects here must reach Braze after their earlier ones: the sink keeps
     # at most one batch in flight for each.
     ordered_users: set[str] = field(default_factory=set)
@@ -122,13 +124,16 @@ class Batcher:
         batch.size_estimate += size + _OBJECT_OVERHEAD_BYTES
         return batch
 
-    def add_event(self, obj: dict, origin: Origin, digest: int | None, size: int) -> Batch:
-        return self._add(obj, origin, digest, size, purchase=False)
+    def add_event(self, user: str, obj: dict, origin: Origin, digest: int | None,
+                  size: int) -> Batch:  # fmt: skip
+        return self._add(user, obj, origin, digest, size, purchase=False)
 
-    def add_purchase(self, obj: dict, origin: Origin, digest: int | None, size: int) -> Batch:
-        return self._add(obj, origin, digest, size, purchase=True)
+    def add_purchase(self, user: str, obj: dict, origin: Origin, digest: int | None,
+                     size: int) -> Batch:  # fmt: skip
+        return self._add(user, obj, origin, digest, size, purchase=True)
 
-    def _add(self, obj: dict, origin: Origin, digest: int | None, size: int, purchase: bool):
+    def _add(self, user: str, obj: dict, origin: Origin, digest: int | None, size: int,
+             purchase: bool) -> Batch:  # fmt: skip
         batch = self.current
         size += _OBJECT_OVERHEAD_BYTES
         if not self._room(len(batch.purchases if purchase else batch.events), size):
@@ -138,10 +143,12 @@ class Batcher:
             batch.purchases.append(obj)
             batch.purchase_origins.append(origin)
             batch.purchase_digests.append(digest)
+            batch.purchase_users.append(user)
         else:
             batch.events.append(obj)
             batch.event_origins.append(origin)
             batch.event_digests.append(digest)
+            batch.event_users.append(user)
         batch.size_estimate += size
         batch.count += 1
         return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from dataclasses import replace
 
 import click
 
@@ -16,7 +17,9 @@ from segreplay.config import (
     DEFAULT_RATE,
     DEFAULT_STATE_PATH,
     DEFAULT_STOP_GRACE_S,
+    DEFAULT_USER_OPS_RATE,
     PAGE_MODES,
+    DeleteConfig,
     DeliveryOptions,
     MappingOptions,
     RunConfig,
@@ -52,6 +55,60 @@ def _state_option(command):
         metavar="PATH",
         help="State and checkpoint database.",
     )(command)
+
+
+def _braze_options(permission: str):
+    """--endpoint and --api-key, for a command whose key needs `permission`."""
+
+    def decorate(command):
+        command = click.option(
+            "--api-key",
+            envvar="BRAZE_API_KEY",
+            metavar="KEY",
+            show_envvar=True,
+            help=f"REST API key with {permission}. Never printed or written anywhere.",
+        )(command)
+        return click.option(
+            "--endpoint",
+            envvar="BRAZE_REST_ENDPOINT",
+            show_envvar=True,
+            metavar="URL|INSTANCE",
+            help="Braze REST endpoint: US-03, rest.iad-03.braze.com or a full URL.",
+        )(command)
+
+    return decorate
+
+
+def _delivery(endpoint: str | None, api_key: str | None, rate: str,
+              concurrency: int) -> DeliveryOptions:  # fmt: skip
+    """Where and how fast to send, or a UsageError saying what is missing."""
+    rate_requests, rate_seconds = parse_rate(rate)
+    if not endpoint:
+        raise UsageError(
+            "no Braze endpoint",
+            "pass --endpoint US-03 (your instance) or set BRAZE_REST_ENDPOINT; or add --dry-run",
+        )
+    if not api_key:
+        raise UsageError(
+            "no Braze REST API key",
+            "set BRAZE_API_KEY (safer than --api-key, which shows in ps); or add --dry-run",
+        )
+    return DeliveryOptions(
+        endpoint=resolve_endpoint(endpoint),
+        api_key=api_key,
+        rate_requests=rate_requests,
+        rate_seconds=rate_seconds,
+        concurrency=concurrency,
+    )
+
+
+def _suppressed(paths: tuple[str, ...]) -> frozenset[str]:
+    """The users of --suppress files, by state key (`e:<userId>`, `a:<anonymousId>`)."""
+    if not paths:
+        return frozenset()
+    from segreplay.privacy import read_ids
+
+    return frozenset(person.key for person in read_ids((path, None) for path in paths).ids)
 
 
 # What decides which lines a replay sends and as what: `import` and `inspect` take the
@@ -146,20 +203,7 @@ def cli() -> None:
 
 @cli.command("import")
 @click.argument("sources", nargs=-1, required=True)
-@click.option(
-    "--endpoint",
-    envvar="BRAZE_REST_ENDPOINT",
-    show_envvar=True,
-    metavar="URL|INSTANCE",
-    help="Braze REST endpoint: US-03, rest.iad-03.braze.com or a full URL.",
-)
-@click.option(
-    "--api-key",
-    envvar="BRAZE_API_KEY",
-    metavar="KEY",
-    show_envvar=True,
-    help="REST API key with users.track. Never printed or written anywhere.",
-)
+@_braze_options("users.track")
 @_state_option
 @click.option("--dry-run", is_flag=True, help="Send nothing and change no state.")
 @click.option("--diff", is_flag=True, help="With --dry-run: per-user changes, old -> new.")
@@ -214,9 +258,16 @@ def cli() -> None:
     metavar="SECONDS",
     help="On SIGINT or SIGTERM, how long to wait for answers to requests in flight.",
 )
+@click.option(
+    "--suppress",
+    multiple=True,
+    metavar="FILE",
+    help="Users never to send: one id a line, or a CSV with a userId and/or anonymousId "
+    "column; - for stdin. Repeatable. See docs/privacy.md.",
+)
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
-                   **mapping_options) -> None:  # fmt: skip
+                   suppress, **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -227,6 +278,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
       segreplay import segment-logs/ --dry-run --diff
       segreplay import segment-logs/ --endpoint US-03 --json >> replay.log
       segreplay import 'segment-logs/*/1709*' --endpoint EU-01 --since 2024-03-01
+      segreplay import segment-logs/ --endpoint US-03 --suppress test-accounts.csv
 
     Delivery: at most 75 objects a request, up to --concurrency requests in flight within
     the --rate budget; a 429 pauses every sender until Braze's reset, 5xx and network
@@ -238,6 +290,9 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     requests in flight, records them and exits 130 / 143; the same command resumes. A
     second signal stops at once.
 
+    Privacy: users deleted with `segreplay delete` on this state, and users in a
+    --suppress file, are never sent (counted skipped_deleted / skipped_suppressed).
+
     Exit status: 0 all delivered or deliberately skipped; 3 finished, but some lines or
     objects were rejected (see the dead-letter file); 1 stopped on a fatal error (the
     same command resumes); 2 usage error; 130 / 143 stopped by SIGINT / SIGTERM.
@@ -248,27 +303,10 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
 
     try:
         mapping = _mapping(mapping_options)
-        rate_requests, rate_seconds = parse_rate(rate)
+        parse_rate(rate)  # a wrong --rate is an error in a dry run too
         delivery = None
         if not (dry_run or diff):  # --diff without --dry-run: RunConfig says what is wrong
-            if not endpoint:
-                raise UsageError(
-                    "no Braze endpoint",
-                    "pass --endpoint US-03 (your instance) "
-                    "or set BRAZE_REST_ENDPOINT; or add --dry-run",
-                )
-            if not api_key:
-                raise UsageError(
-                    "no Braze REST API key",
-                    "set BRAZE_API_KEY (safer than --api-key, which shows in ps); or add --dry-run",
-                )
-            delivery = DeliveryOptions(
-                endpoint=resolve_endpoint(endpoint),
-                api_key=api_key,
-                rate_requests=rate_requests,
-                rate_seconds=rate_seconds,
-                concurrency=concurrency,
-            )
+            delivery = _delivery(endpoint, api_key, rate, concurrency)
         config = RunConfig(
             sources=tuple(sources),
             state_path=state_path,
@@ -279,20 +317,27 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             batch_limit=batch_limit,
             mapping=mapping,
             delivery=delivery,
+            suppressed=_suppressed(suppress),
         )
     except SegreplayError as error:
         _fail(error)
     # With --json, standard output holds the summary object alone: `| jq` must work.
     reporter = ConsoleReporter(diff_out=sys.stderr if as_json else None)
-    sink = None
+    sink = user_ops = None
+    stop = StopRequest()
     if delivery is not None:
         from segreplay.delivery import braze_sink
+        from segreplay.userops import UserOps
 
         sink = braze_sink(delivery)
-    stop = StopRequest()
+        # Merges (--anonymous alias) go under the user-management endpoints' own budget.
+        requests, seconds = parse_rate(DEFAULT_USER_OPS_RATE)
+        user_ops = UserOps(replace(delivery, rate_requests=requests, rate_seconds=seconds),
+                           stopping=lambda: stop.requested)  # fmt: skip
     try:
         with stop.installed():
-            summary = run_import(config, reporter, sink, stop, stop_grace_s)
+            summary = run_import(config, reporter, sink, stop, stop_grace_s,
+                                 user_ops=user_ops and user_ops.deliver)  # fmt: skip
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
@@ -318,6 +363,111 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             + "; run the same command to resume",
             err=True,
         )  # fmt: skip
+        _exit_now(128 + stop.signum)
+    sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
+
+
+@cli.command("delete")
+@click.option(
+    "--user-ids",
+    multiple=True,
+    metavar="FILE",
+    help="userIds to delete: one a line (# comments), or a CSV with a userId, user_id or "
+    "external_id column; - for stdin. Repeatable.",
+)
+@click.option(
+    "--anonymous-ids",
+    multiple=True,
+    metavar="FILE",
+    help="anonymousIds to delete (their segment_anonymous_id aliases): one a line, or a CSV "
+    "with an anonymousId or anonymous_id column. Repeatable.",
+)
+@_braze_options("users.delete")
+@_state_option
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option(
+    "--dead-letter",
+    "dead_letter_path",
+    default=DEFAULT_DEAD_LETTER_PATH,
+    show_default=True,
+    metavar="PATH",
+    help="Ids Braze refused, as JSON lines.",
+)
+@click.option(
+    "--rate",
+    default=DEFAULT_USER_OPS_RATE,
+    show_default=True,
+    metavar="N/SECONDS",
+    help="Request budget; Braze shares it between /users/delete, /users/identify and /users/merge.",
+)
+def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_run, as_json,
+                   dead_letter_path, rate) -> None:  # fmt: skip
+    """Delete people in Braze (/users/delete) and make every later import skip them.
+
+    Ids are read from files: one a line (blank lines and # comments ignored), or a CSV
+    whose header names the id column; - reads standard input. At most 50 ids a request,
+    one kind of id a request. Each acknowledged id is recorded in the state as a digest,
+    with its time; their stored attribute values and delivered messageIds are erased.
+    A second run sends nothing for ids already deleted; a killed run resumes. Use the
+    state your imports use.
+
+    \b
+    Examples:
+      segreplay delete --user-ids deletion-requests.csv --dry-run
+      segreplay delete --user-ids deletion-requests.csv --endpoint US-03
+      jq -r .userId requests.jsonl | segreplay delete --user-ids - --endpoint US-03 --json
+
+    Exit status: 0 all deleted (or already); 3 Braze refused some ids (see the dead
+    letter); 1 stopped on a fatal error (the same command resumes); 2 usage error;
+    130 / 143 stopped by SIGINT / SIGTERM (the request in flight is recorded first).
+    See docs/privacy.md.
+    """
+    from segreplay.deletion import run_delete
+    from segreplay.privacy import IdKind, read_ids
+    from segreplay.progress import ConsoleReporter, print_delete_summary
+    from segreplay.stopping import StopNow, StopRequest
+
+    try:
+        if not user_ids and not anonymous_ids:
+            raise UsageError("no ids to delete", "pass --user-ids FILE and/or --anonymous-ids FILE")
+        parse_rate(rate)
+        delivery = None if dry_run else _delivery(endpoint, api_key, rate, concurrency=1)
+        ids = read_ids(
+            [(path, IdKind.USER) for path in user_ids]
+            + [(path, IdKind.ANONYMOUS) for path in anonymous_ids]
+        )
+        config = DeleteConfig(state_path, dead_letter_path, dry_run, delivery)
+    except SegreplayError as error:
+        _fail(error)
+    reporter = ConsoleReporter()
+    stop = StopRequest()
+    try:
+        with stop.installed():
+            summary, plan = run_delete(config, ids, reporter, stop)
+    except SegreplayError as error:
+        _fail(error)
+    except (KeyboardInterrupt, StopNow) as error:
+        click.echo(
+            "stopped at once: every acknowledged deletion is in the state; "
+            "run the same command to resume",
+            err=True,
+        )
+        _exit_now(128 + getattr(error, "signum", 2))
+    if dry_run and not as_json:
+        for person in plan.ids:
+            kind = "userId" if person.kind is IdKind.USER else "anonymousId"
+            click.echo(f"would delete {kind} {person.value}")
+    print_delete_summary(summary, dead_letter_path if summary.rejected else None)
+    if as_json:
+        from segreplay.jsonutil import dumps
+
+        click.echo(dumps(summary.to_dict()).decode())
+    if summary.interrupted:
+        click.echo(
+            "stopped: every acknowledged deletion is in the state; run the same command to resume",
+            err=True,
+        )
         _exit_now(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
@@ -477,11 +627,12 @@ def status_command(state_path: str, as_json: bool) -> None:
 @_state_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def reset_command(state_path: str, yes: bool) -> None:
-    """Forget everything the state holds, to replay from scratch.
+    """Forget what the state holds, to replay from scratch; deleted users are kept.
 
     The next import resends every event and attribute: Braze keeps every event it
     receives, so events already delivered will be stored twice. Use it only for a fresh
-    workspace (or after deleting the users in Braze).
+    workspace (or after deleting the users in Braze). Users deleted with `segreplay
+    delete` stay recorded, so that no replay brings them back.
 
     \b
     Example:
@@ -496,7 +647,7 @@ def reset_command(state_path: str, yes: bool) -> None:
     if not yes:
         click.confirm(
             f"Forget every delivered event and attribute recorded in {state_path}? The next "
-            "import resends all of them",
+            "import resends all of them (deleted users stay recorded)",
             abort=True,
         )
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -46,6 +46,8 @@ class Verdict:
     # Braze's X-RateLimit-Remaining, and the seconds until its window resets.
     remaining: float | None = None
     reset_s: float | None = None
+    # An accepted answer's JSON object (/users/delete says {"deleted": n} in it).
+    answer: dict | None = field(default=None, compare=False, repr=False)
 
 
 def classify(status: int, headers: httpx.Headers, body: bytes, now: float) -> Verdict:
@@ -60,7 +62,7 @@ def classify(status: int, headers: httpx.Headers, body: bytes, now: float) -> Ve
             if isinstance(error, dict) and isinstance(error.get("index"), int)
         )
         return Verdict(VerdictKind.ACCEPTED, refusals=refusals, remaining=remaining,
-                       reset_s=reset_s)  # fmt: skip
+                       reset_s=reset_s, answer=payload)  # fmt: skip
     message = _message(body) or f"HTTP {status}"
     if status == 429:
         return Verdict(VerdictKind.RATE_LIMITED, message, wait_s=rate_limit_wait(headers, now))

@@ -15,6 +15,10 @@ from segreplay.times import parse_time
 DEFAULT_STATE_PATH = "segreplay-state.sqlite"
 DEFAULT_DEAD_LETTER_PATH = "segreplay-dead-letter.jsonl"
 DEFAULT_RATE = "1500/3"  # half of Braze's 3,000 per 3 s: live traffic shares the budget
+# /users/delete, /users/identify, /users/merge, /users/alias/*: 20,000 a minute shared by
+# the workspace; half of it, as for /users/track.
+DEFAULT_USER_OPS_RATE = "10000/60"
+MAX_IDS_PER_REQUEST = 50
 DEFAULT_CONCURRENCY = 8
 DEFAULT_STOP_GRACE_S = 20.0  # under Kubernetes' 30 s between SIGTERM and SIGKILL
 MAX_OBJECTS_PER_REQUEST = 75
@@ -101,6 +105,7 @@ class RunConfig:
     batch_limit: str = "combined"
     mapping: MappingOptions = field(default_factory=MappingOptions)
     delivery: DeliveryOptions | None = None  # None only for a dry run
+    suppressed: frozenset[str] = frozenset()  # --suppress: user keys never to send
 
     def __post_init__(self) -> None:
         _check_choice("--batch-limit", self.batch_limit, BATCH_LIMITS)
@@ -108,6 +113,24 @@ class RunConfig:
             raise UsageError("no SOURCE given", "name a file, a directory, a glob or -")
         if self.diff and not self.dry_run:
             raise UsageError("--diff goes with --dry-run", "add --dry-run to see the diff")
+        if not self.dry_run and self.delivery is None:
+            raise UsageError(
+                "no Braze endpoint and key",
+                "pass --endpoint and --api-key (or BRAZE_REST_ENDPOINT and BRAZE_API_KEY), "
+                "or use --dry-run",
+            )
+
+
+@dataclass(frozen=True)
+class DeleteConfig:
+    """`segreplay delete`: where the state and the dead letter are, and how to send."""
+
+    state_path: str = DEFAULT_STATE_PATH
+    dead_letter_path: str | None = DEFAULT_DEAD_LETTER_PATH
+    dry_run: bool = False
+    delivery: DeliveryOptions | None = None  # None only for a dry run
+
+    def __post_init__(self) -> None:
         if not self.dry_run and self.delivery is None:
             raise UsageError(
                 "no Braze endpoint and key",

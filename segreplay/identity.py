@@ -44,9 +44,14 @@ class Links:
         self._recorded = functools.lru_cache(maxsize=100_000)(recorded)
         self._known: dict[str, str] = {}  # decided in this run
         self._candidates: dict[str, list[Link]] = {}  # found, in reading order
+        self._ignored: Callable[[Link], bool] = lambda link: False
+
+    def ignore(self, ignored: Callable[[Link], bool]) -> None:
+        """Links to pass over (those naming a deleted or suppressed person)."""
+        self._ignored = ignored
 
     def observe(self, link: Link) -> None:
-        if link.anonymous_id == link.external_id:
+        if link.anonymous_id == link.external_id or self._ignored(link):
             return  # an alias call that renames nobody, or a userId copied to both fields
         self._candidates.setdefault(link.anonymous_id, []).append(link)
 

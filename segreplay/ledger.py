@@ -11,6 +11,7 @@ from segreplay.batching import Batch, Batcher, Origin
 from segreplay.config import MappingOptions
 from segreplay.dedupe import decide_attributes, message_digest
 from segreplay.mapping import Call
+from segreplay.privacy import user_tag
 from segreplay.reporting import Summary
 from segreplay.source import ArchiveFile
 from segreplay.state import FileCheckpoint, State
@@ -222,7 +223,7 @@ class Ledger:
                     if digest in pending or digest in delivered:
                         continue
                     pending.add(digest)
-                batch = add(obj, origin, digest, size)
+                batch = add(user, obj, origin, digest, size)
                 if batch is not attached_to:
                     self._attach(batch, user, None, progress, origin[1])
                     attached_to = batch
@@ -265,20 +266,21 @@ class Ledger:
         """Braze answered these batches, refusing the objects named: in one transaction,
         write what they carried and Braze accepted."""
         effects: dict[str, dict] = {}
-        digests: list[int] = []
+        digests: list[tuple[int, int]] = []  # (messageId digest, its user's tag)
         settled = []
         for batch, refused in acknowledged:
             pending = self._pending.pop(batch, None) or _Pending()
             for user, user_effects in pending.effects.items():
                 if ("attributes", user) not in refused:
                     effects.setdefault(user, {}).update(user_effects)
-            for array, digest_list in (
-                ("events", batch.event_digests),
-                ("purchases", batch.purchase_digests),
+            for array, digest_list, users in (
+                ("events", batch.event_digests, batch.event_users),
+                ("purchases", batch.purchase_digests, batch.purchase_users),
             ):
+                # Each digest with its user's tag, so a deletion can erase it (privacy.md).
                 digests += [
-                    digest
-                    for index, digest in enumerate(digest_list)
+                    (digest, user_tag(user))
+                    for index, (digest, user) in enumerate(zip(digest_list, users, strict=True))
                     if digest is not None and (array, index) not in refused
                 ]
             pending.settled = True
@@ -286,7 +288,7 @@ class Ledger:
         self.commit(effects, digests)
         # Settled between two slices of a chunk, whose delivered digests were read before
         # these answers: without this, a repeat later in the chunk would be sent again.
-        self._delivered.update(digests)
+        self._delivered.update(digest for digest, _tag in digests)
         for batch, pending in settled:
             self._pending_digests.difference_update(batch.event_digests)
             self._pending_digests.difference_update(batch.purchase_digests)
@@ -300,7 +302,9 @@ class Ledger:
                     del self._unsettled[user]
                     self._overlay.pop(user, None)
 
-    def commit(self, effects: dict | None = None, digests: list[int] | None = None) -> None:
+    def commit(
+        self, effects: dict | None = None, digests: list[tuple[int, int]] | None = None
+    ) -> None:
         """One transaction: a batch's effects, decisions waiting for one, checkpoints."""
         merged = self._unbatched_effects
         self._unbatched_effects = {}

@@ -89,6 +89,9 @@ class SkipReason(enum.StrEnum):
     SCREEN = "skipped_screens"
     OUTSIDE_WINDOW = "outside_window"
     FILTERED = "filtered"
+    # Not the mapping's: the user is deleted (`segreplay delete`) or in a --suppress file.
+    DELETED = "skipped_deleted"
+    SUPPRESSED = "skipped_suppressed"
 
 
 @dataclass(slots=True)

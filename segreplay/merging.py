@@ -19,11 +19,14 @@ IDENTIFY_PATH = "/users/identify"
 MERGE_PATH = "/users/merge"
 MAX_ITEMS = 50  # per request, for both endpoints
 
-# post(path, body) -> what Braze answered; a dry run acknowledges everything.
-Post = Callable[[str, bytes], Delivered]
+PERMISSIONS = {IDENTIFY_PATH: "users.identify", MERGE_PATH: "users.merge"}
+
+# post(path, body, permission) -> what Braze answered (userops.UserOps.deliver); a dry
+# run acknowledges everything.
+Post = Callable[[str, bytes, str], Delivered]
 
 
-def dry_post(path: str, body: bytes) -> Delivered:
+def dry_post(path: str, body: bytes, permission: str) -> Delivered:
     return Delivered(bodies=[body])
 
 
@@ -82,7 +85,7 @@ def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
                 if kind
                 else {"merge_updates": items}
             )
-            answered = post(path, dumps(body))
+            answered = post(path, dumps(body), PERMISSIONS[path])
             refused = _refused(answered, len(part))
             done = [merge for index, merge in enumerate(part) if index not in refused]
             for index in sorted(refused):

@@ -8,29 +8,25 @@ is ever settled while a line is half decided.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time as _time
 from collections import deque
 from contextlib import ExitStack
-from datetime import UTC, datetime
 
 from segreplay.batching import Batch, Batcher
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
-from segreplay.errors import UsageError
 from segreplay.identity import Link, Links, scan
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
 from segreplay.merging import Post, dry_post, plan_merges, send_merges
+from segreplay.privacy import Forgotten
 from segreplay.reading import Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
+from segreplay.runfiles import check_folder, now, open_state
 from segreplay.settling import Settler
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
-from segreplay.state import ResumePoint, State, StateLock
+from segreplay.state import ResumePoint, State
 from segreplay.stopping import StopNow, StopRequest
-from segreplay.times import format_time
 
 CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
@@ -53,19 +49,19 @@ def run_import(
     run's acknowledges them."""
     started = _time.monotonic()
     archives = discover(config.sources)
-    _check_folder("--output", config.output_path)
-    _check_folder("--dead-letter", config.dead_letter_path)
+    check_folder("--output", config.output_path)
+    check_folder("--dead-letter", config.dead_letter_path)
     if not config.dry_run:
-        _check_folder("--state", config.state_path)
+        check_folder("--state", config.state_path)
     summary = Summary(dry_run=config.dry_run, files=len(archives))
     with ExitStack() as stack:
         sink = sink or DrySink()
         stack.callback(sink.close)
-        state = open_state(config, stack)
+        state = open_state(config.state_path, config.dry_run, stack)
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
-        run_id = state.start_run(_now())
+        run_id = state.start_run(now())
         status = "failed"
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
@@ -80,7 +76,7 @@ def run_import(
         finally:
             summary.users = state.users_in_run(run_id)
             summary.elapsed_s = _time.monotonic() - started
-            state.finish_run(run_id, _now(), status, summary.to_dict())
+            state.finish_run(run_id, now(), status, summary.to_dict())
     return summary
 
 
@@ -111,6 +107,8 @@ class _Replay:
         self._output = output
         self._user_ops = user_ops
         self._links = Links(state.link) if config.mapping.anonymous == "alias" else None
+        # Users never to send (privacy.md); None when there are none, as is usual.
+        self._forgotten = Forgotten(state.deleted_digests(), config.suppressed) or None
 
     def _halted(self) -> bool:
         return self._stop.requested or self._sink.error is not None
@@ -147,6 +145,14 @@ class _Replay:
         """The first pass, with --anonymous alias: find who anonymous visitors are in the
         lines this run will read, record it, and plan the merges of profiles Braze holds."""
         links = self._links
+        forgotten = self._forgotten
+        if forgotten is not None:  # nothing of a deleted or suppressed person is linked
+            links.ignore(
+                lambda link: bool(
+                    forgotten.reason("e:" + link.external_id)
+                    or forgotten.reason("a:" + link.anonymous_id)
+                )
+            )
         for archive, point in points:
             if not point.done:
                 scan(LineReader(archive, lambda problem: None), point.skip, links)
@@ -183,6 +189,7 @@ class _Replay:
         path = archive.path
         chunk: list = []
         add = chunk.append
+        forgotten = self._forgotten
         lines = mapped_lines(reader, self._config.mapping, point.skip, self._links)
         for number, raw, record, mapped in lines:
             if len(chunk) >= self._chunk_lines:
@@ -191,6 +198,10 @@ class _Replay:
                     return  # the rest of the file is read again by the next run
                 chunk = []
                 add = chunk.append
+            if forgotten is not None and (reason := forgotten.reason_for(mapped, record)):
+                summary.skip(reason)  # deleted or suppressed: nothing of theirs goes anywhere
+                add((number, 0, None))
+                continue
             kind = type(mapped)
             if kind is Call:
                 if mapped.resolved_from:
@@ -311,37 +322,3 @@ class _Replay:
         for rejection in call.rejected_objects:
             summary.rejected += 1
             self._dead_letter.write(path, number, "rejected", rejection.reason, record)
-
-
-def _check_folder(option: str, path: str | None) -> None:
-    """Say so before the run, not after an hour of it, when a file cannot be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{option} {path}: the folder {folder} is not writable")
-
-
-def _now() -> str:
-    return format_time(datetime.now(UTC))
-
-
-def open_state(config: RunConfig, stack: ExitStack) -> State:
-    """The state a run works on, closed with `stack`. A dry run works on a private copy,
-    then drops it, so it sees everything earlier runs delivered and never changes the
-    real file."""
-    if not config.dry_run:
-        stack.enter_context(StateLock(config.state_path))
-        state = State(config.state_path)
-        stack.callback(state.close)
-        return state
-    folder = tempfile.mkdtemp(prefix="segreplay-dry-run-")
-    stack.callback(shutil.rmtree, folder, ignore_errors=True)
-    scratch = os.path.join(folder, "state.sqlite")
-    if os.path.exists(config.state_path):
-        State.snapshot(config.state_path, scratch)
-    state = State(scratch, durable=False)
-    stack.callback(state.close)
-    return state

@@ -27,6 +27,8 @@ _ROWS = [
     ("skipped_screens", skipped_label("skipped_screens"), True),
     ("outside_window", skipped_label("outside_window"), True),
     ("filtered", skipped_label("filtered"), True),
+    ("skipped_deleted", "skipped: deleted users", True),
+    ("skipped_suppressed", "skipped: suppressed users (--suppress)", True),
     ("duplicates", "duplicates (messageId already sent)", False),
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
@@ -278,13 +280,51 @@ def print_survey(survey, out: TextIO | None = None) -> None:
         console.print(table)
 
 
+_DELETE_ROWS = [
+    ("ids_read", "ids read", False),
+    ("duplicates", "duplicates in input", False),
+    ("already_deleted", "already deleted", False),
+    ("deleted", "deleted now", False),
+    ("braze_deleted", "profiles Braze found", True),
+    ("requests", "requests", False),
+    ("rejected", "refused by Braze", True),
+    ("erased_messages", "messageIds erased from the state", True),
+    ("retries", "retries", True),
+    ("rate_limited", "rate-limit waits", True),
+]
+
+
+def print_delete_summary(summary, dead_letter: str | None, err: TextIO | None = None) -> None:
+    """`segreplay delete`'s summary table, on standard error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    err = err or sys.stderr
+    values = summary.to_dict()
+    title = "segreplay delete, dry run (nothing sent)" if summary.dry_run else "segreplay delete"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, label, optional in _DELETE_ROWS:
+        if optional and not values[key]:
+            continue
+        if key == "deleted" and summary.dry_run:
+            label = "would be deleted"
+        table.add_row(label, f"{values[key]:,}")
+    console = Console(file=err, width=None if err.isatty() else 80)
+    console.print(table)
+    if dead_letter:
+        console.print(f"{summary.rejected:,} refused ids in {dead_letter}")
+
+
 def print_status(report: dict, out: TextIO | None = None) -> None:
     """`segreplay status`, as plain lines (they end up in cron mails and logs)."""
     out = out or sys.stdout
     out.write(f"state {report['state']} (schema {report['schema_version']})\n")
     out.write(
         f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
-        f"{report['files_done']:,} of {report['files']:,} files done\n"
+        f"{report['files_done']:,} of {report['files']:,} files done, "
+        f"{report['deleted_users']:,} deleted users\n"
     )
     for options, count in report.get("files_by_options", {}).items():
         out.write(f"  {count:,} files read with: {options}\n")
@@ -297,6 +337,13 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
         out.write(f"  partly done: {item['path']} ({done})\n")
     for run in report["runs"]:
         summary = run["summary"] or {}
+        if summary.get("command") == "delete":
+            out.write(
+                f"run {run['id']}: {run['status']}, started {run['started_at']} - delete: "
+                f"{summary.get('deleted', 0):,} ids deleted, {summary.get('requests', 0):,} "
+                "requests\n"
+            )
+            continue
         out.write(
             f"run {run['id']}: {run['status']}, started {run['started_at']}"
             f" - {summary.get('lines', 0):,} lines, {summary.get('requests', 0):,} requests,"

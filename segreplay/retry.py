@@ -28,7 +28,7 @@ class Abandoned(Exception):
     """The run is stopping: the request was not sent again, or, when `sent` is false,
     not at all."""
 
-    def __init__(self, sent: bool) -> None:
+    def __init__(self, sent: bool = False) -> None:
         super().__init__("abandoned: the run is stopping")
         self.sent = sent
 

@@ -1,4 +1,5 @@
-"""SQLite state: last-sent attribute values, delivered messageIds, file progress, runs.
+"""SQLite state: last-sent attribute values, delivered messageIds, file progress, runs,
+and the people deleted (as digests: see privacy.py).
 
 Written only by `commit`, one transaction per acknowledged request, so state and
 checkpoint always advance together. WAL mode: a killed process loses nothing committed.
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from segreplay.config import MappingOptions
 from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
+from segreplay.privacy import user_digest, user_tag
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _USER_CACHE_SIZE = 10_000  # committed attribute rows kept in memory: bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
@@ -53,9 +55,21 @@ _MIGRATIONS: dict[int, str] = {
     # other options reads the file again. NULL: read by a version that did not record
     # them, taken as the defaults.
     3: "ALTER TABLE files ADD COLUMN options TEXT",
+    # Deletion (privacy.md): a person is remembered by a digest of their key, and each
+    # delivered digest carries its user's tag so an erasure finds their rows. Rows
+    # delivered before this version have no tag (NULL): they cannot be told apart.
+    4: """
+        ALTER TABLE delivered ADD COLUMN user INTEGER;  -- privacy.user_tag of its user
+        CREATE TABLE deletions (
+            digest BLOB PRIMARY KEY,     -- privacy.user_digest of 'e:<userId>' / 'a:<anonymousId>'
+            tag INTEGER NOT NULL,        -- privacy.user_tag of the same key
+            deleted_at TEXT NOT NULL,    -- when Braze acknowledged the deletion
+            erased INTEGER NOT NULL      -- 1 once their delivered rows are gone
+        ) WITHOUT ROWID
+    """,
     # Identity (identity.md): who an anonymousId turned out to be, the merges that joins
     # profiles Braze already holds, and the users that hold a segment_anonymous_id alias.
-    4: """
+    5: """
         CREATE TABLE links (
             anonymous_id TEXT PRIMARY KEY,  -- an anonymousId, or an alias call's previousId
             external_id TEXT NOT NULL,
@@ -266,6 +280,7 @@ class State:
             "delivered_messages": one("SELECT count(*) FROM delivered").fetchone()[0],
             "files": one("SELECT count(*) FROM files").fetchone()[0],
             "files_done": one("SELECT count(*) FROM files WHERE done").fetchone()[0],
+            "deleted_users": one("SELECT count(*) FROM deletions").fetchone()[0],
             "links": one("SELECT count(*) FROM links").fetchone()[0],
             "merges_pending": one("SELECT count(*) FROM merges WHERE NOT done").fetchone()[0],
         }
@@ -278,6 +293,14 @@ class State:
             "SELECT external_id FROM links WHERE anonymous_id=?", (anonymous_id,)
         ).fetchone()
         return row[0] if row else None
+
+    def linked_anonymous_ids(self, external_id: str) -> list[str]:
+        return [
+            row[0]
+            for row in self._db.execute(
+                "SELECT anonymous_id FROM links WHERE external_id=?", (external_id,)
+            )
+        ]
 
     def is_known(self, user: str) -> bool:
         """Whether Braze acknowledged anything for `user` (its profile exists)."""
@@ -376,12 +399,13 @@ class State:
         self,
         run_id: int,
         attributes: dict[str, dict],
-        digests: Iterable[int],
+        digests: Iterable[tuple[int, int]],
         checkpoints: Iterable[FileCheckpoint],
     ) -> None:
         """One transaction: merge attribute effects per user, add delivered digests,
         advance file checkpoints. `attributes` maps user -> {key: [value, time]}; a user
-        with an empty dict is only marked as known (an event created the profile)."""
+        with an empty dict is only marked as known (an event created the profile).
+        `digests` are (messageId digest, privacy.user_tag of its user)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -406,9 +430,7 @@ class State:
                 "run_id=excluded.run_id",
                 rows,
             )
-            db.executemany(
-                "INSERT OR IGNORE INTO delivered (hash) VALUES (?)", ((d,) for d in digests)
-            )
+            db.executemany("INSERT OR IGNORE INTO delivered (hash, user) VALUES (?, ?)", digests)
             db.executemany(
                 "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns, "
                 "options) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
@@ -456,7 +478,79 @@ class State:
         except sqlite3.DatabaseError as error:
             raise StateError(f"{path}: cannot read the state file ({error})") from error
 
+    # deletions -------------------------------------------------------------------------
+
+    def deleted_digests(self) -> list[bytes]:
+        return [row[0] for row in self._db.execute("SELECT digest FROM deletions")]
+
+    def record_deletions(self, users: list[str], deleted_at: str) -> None:
+        """Braze acknowledged deleting these users (`e:...`, `a:...`): in one transaction
+        remember each as a digest and drop their stored attribute values. Their delivered
+        digests go in `erase_deleted`, which scans that table once for many deletions."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO deletions (digest, tag, deleted_at, erased) "
+                "VALUES (?, ?, ?, 0)",
+                ((user_digest(user), user_tag(user), deleted_at) for user in users),
+            )
+            for part in _slices(users):
+                db.execute(f"DELETE FROM users WHERE user IN ({_marks(part)})", part)
+                marks = _marks(part)
+                db.execute(f"DELETE FROM merges WHERE merge_from IN ({marks}) "
+                           f"OR keep IN ({marks})", part + part)  # fmt: skip
+            for user in users:  # their links name them too
+                kind, _, value = user.partition(":")
+                column = "external_id" if kind == "e" else "anonymous_id"
+                db.execute(f"DELETE FROM links WHERE {column}=?", (value,))  # noqa: S608
+                db.execute("DELETE FROM aliased WHERE external_id=?", (value,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for user in users:
+            self._users.pop(user, None)
+
+    def erasures_pending(self) -> int:
+        return self._db.execute("SELECT count(*) FROM deletions WHERE NOT erased").fetchone()[0]
+
+    def erase_deleted(self) -> int:
+        """Finish every recorded deletion: drop the deleted users' delivered digests, then
+        rewrite the file so no freed page, free space or WAL frame still holds anything of
+        theirs. Returns the delivered rows dropped. Costs a VACUUM: one copy of the file."""
+        db = self._db
+        if not self.erasures_pending():
+            return 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            dropped = db.execute(
+                "DELETE FROM delivered WHERE user IN (SELECT tag FROM deletions WHERE NOT erased)"
+            ).rowcount
+            db.execute("UPDATE deletions SET erased=1 WHERE NOT erased")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.scrub()
+        return dropped
+
+    def scrub(self) -> None:
+        """Rewrite the database from its live rows and empty the WAL: SQLite leaves deleted
+        rows in free space and old WAL frames until they are overwritten."""
+        db = self._db
+        db.execute("VACUUM")
+        busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise StateError(
+                f"{self.path}: another process is reading the state, so its journal could "
+                "not be emptied of deleted data",
+                "run the same command again once no other segreplay reads this state",
+            )
+
     def reset(self) -> None:
+        """Forget what was delivered; deletions are kept, or a replay would bring the
+        people back."""
         self._db.execute("BEGIN IMMEDIATE")
         for table in ("users", "delivered", "files", "runs", "links", "merges", "aliased"):
             self._db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names

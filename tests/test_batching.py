@@ -36,7 +36,7 @@ def _pack(items, limit_mode, max_bytes=4_000_000):
                 "properties": {"p": padding},
             }
             add = batcher.add_event if kind == "event" else batcher.add_purchase
-            add(obj, ("f", seq), seq, size)
+            add(user, obj, ("f", seq), seq, size)
         sealed += batcher.take_sealed()
     batcher.flush()
     return sealed + batcher.take_sealed()

@@ -582,9 +582,26 @@ def test_delete_by_alias_and_braze_id(braze, client):
         },
     )
     braze_id = braze.profile("x")["braze_id"]
-    response = client.post("/users/delete", json={"user_aliases": [alias], "braze_ids": [braze_id]})
-    assert response.json()["deleted"] == 2
+    both = client.post("/users/delete", json={"user_aliases": [alias], "braze_ids": [braze_id]})
+    assert both.status_code == 400  # Braze: one kind of identifier a request
+    assert "Only one of" in both.json()["message"]
+    assert client.post("/users/delete", json={"user_aliases": [alias]}).json()["deleted"] == 1
+    assert client.post("/users/delete", json={"braze_ids": [braze_id]}).json()["deleted"] == 1
     assert braze.profiles() == []
+    shown = client.get("/_fake/profiles").json()
+    assert shown["profiles"] == []
+    assert [entry["identifier"] for entry in shown["deleted"]] == [
+        {"user_alias": alias},
+        {"braze_id": braze_id},
+    ]
+    assert all(entry["found"] for entry in shown["deleted"])
+
+
+def test_delete_refuses_an_external_id_over_987_bytes(braze, client):
+    response = client.post("/users/delete", json={"external_ids": ["x" * 988]})
+    assert response.status_code == 400
+    assert "987 bytes" in response.json()["message"]
+    assert braze.deleted() == []
 
 
 def _alias_profile(client: httpx.Client, alias: dict) -> None:

@@ -427,13 +427,15 @@ def _random_lines(rng, count: int) -> list[dict]:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    count=st.integers(1, 600),
+    # Mostly several slices of a chunk (ledger.DECIDE_SLICE lines), which the loop may
+    # settle answers between; sometimes a handful of lines.
+    count=st.one_of(st.integers(250, 900), st.integers(1, 30)),
     schedule=st.sampled_from(list(SCHEDULES)),
-    window=st.sampled_from([None, 1, 3]),
-    chunk_lines=st.sampled_from([1, 7, 2000]),
+    window=st.sampled_from([1, 3, None]),
+    chunk_lines=st.sampled_from([2000, 450, 7, 1]),
     seed=st.integers(0, 1000),
 )
 def test_when_answers_arrive_never_changes_what_braze_ends_with(

@@ -46,7 +46,7 @@ def test_status_says_when_no_line_of_a_started_file_is_acknowledged() -> None:
     out = io.StringIO()
     report = {
         "state": "s.sqlite", "schema_version": 3, "users": 0, "delivered_messages": 0,
-        "files_done": 0, "files": 3, "runs": [],
+        "files_done": 0, "files": 3, "deleted_users": 0, "runs": [],
         "files_in_progress": [
             {"path": "a.gz", "lines_acked": 0},
             {"path": "b.gz", "lines_acked": 1},

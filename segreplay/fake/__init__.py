@@ -4,7 +4,8 @@ accepted, for tests, rehearsals (`segreplay fake-braze`) and benchmarks.
 
 Endpoints (all POST, `Authorization: Bearer <key>`, JSON body with Content-Length):
   /users/track     attributes/events/purchases, 75-object limit, 4 MB body limit
-  /users/delete    {"external_ids", "user_aliases", "braze_ids"}, at most 50 ids
+  /users/delete    one of "external_ids", "user_aliases", "braze_ids", at most 50 ids;
+                   answers 201 {"deleted": n, "message": "success"} (n: profiles found)
   /users/identify  {"aliases_to_identify": [...], "merge_behavior": "none"|"merge"}, at most 50
   /users/merge     {"merge_updates": [...]}, at most 50, answers 202
 Their answers carry X-RateLimit-Limit/-Remaining/-Reset; /users/track allows a fixed window
@@ -14,7 +15,9 @@ Admin endpoints, no key needed (GET unless noted), for tests and scripts in othe
   /_fake/stats               counters only (cheap): requests, connections, by_status,
                              by_path, accepted per kind, rejected_objects, rate_limited,
                              injected faults by name, bytes_received
-  /_fake/profiles            {"profiles": [...], "not_applied": n, "ignored_attributes": [...]}
+  /_fake/profiles            {"profiles": [...], "deleted": [...], "not_applied": n,
+                             "ignored_attributes": [...]}; each deleted entry is
+                             {"request", "identifier", "found": whether a profile existed}
   /_fake/accepted[?kind=K]   {"accepted": [{"request", "kind", "object"}, ...]}
   /_fake/requests            {"requests": [{"request", "method", "path", "arrived_at", "status"}]}
   /_fake/rate-limit-resets   {"resets": [{"request", "sent_at", "reset_at"}, ...]}

@@ -19,6 +19,7 @@ import orjson
 from segreplay.fake.config import (
     _ARRAYS,
     KINDS,
+    MAX_EXTERNAL_ID_BYTES,
     MAX_IDS,
     MAX_OBJECTS,
     USER_OPS_RATE_LIMIT,
@@ -233,6 +234,10 @@ class _App:
 
     def _users_delete(self, seq: int, payload: dict, body: bytes) -> _Answer:
         keys = []
+        given = [name for name, _ in _DELETE_ARRAYS if payload.get(name) is not None]
+        if len(given) > 1:
+            # Braze's page: only one kind of identifier in a single request.
+            return _fatal(400, "Only one of external_ids, user_aliases or braze_ids may be given")
         for name, field_name in _DELETE_ARRAYS:
             values = payload.get(name)
             if values is None:
@@ -248,6 +253,8 @@ class _App:
                     key = None
                 if key is None:
                     return _fatal(400, f"'{name}' holds an invalid identifier")
+                if field_name == "external_id" and len(value.encode()) > MAX_EXTERNAL_ID_BYTES:
+                    return _fatal(400, f"'{name}' holds an id longer than 987 bytes")
                 keys.append((key, {field_name: value}))
         if not keys:
             return _fatal(400, "No users to delete: give external_ids, user_aliases or braze_ids")
@@ -334,6 +341,7 @@ class _App:
                 200,
                 {
                     "profiles": self.profiles(),
+                    "deleted": self.store.deleted(),
                     "not_applied": self.store.not_applied(),
                     "ignored_attributes": self.store.ignored_attributes(),
                 },

@@ -178,6 +178,11 @@ class FakeBraze:
         with self._app.lock:
             return self._app.store.ignored_attributes()
 
+    def deleted(self) -> list[dict]:
+        """Every identifier /users/delete named: {"request", "identifier", "found"}."""
+        with self._app.lock:
+            return self._app.store.deleted()
+
     def not_applied(self) -> int:
         """Accepted objects that changed nothing: `_update_existing_only` (an alias's
         default) for a user that did not exist, or an unknown braze_id."""

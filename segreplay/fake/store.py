@@ -73,6 +73,7 @@ class _Store:
         self._accepted: dict[str, list[tuple[int, dict]]] = {kind: [] for kind in KINDS}
         self._not_applied = 0
         self._ignored_attributes: list[dict] = []
+        self._deleted: list[dict] = []  # {"request", "identifier", "found"}, in arrival order
         self._profiles_created = 0
 
     def close(self) -> None:
@@ -100,11 +101,14 @@ class _Store:
         """Delete now (the answer counts the users that existed); returns that count."""
         self._catch_up()
         deleted = 0
-        for key, _ in keys:
+        for key, identifier in keys:
             profile = self._index.get(key)
             if profile is not None:
                 self._drop(profile)
                 deleted += 1
+            self._deleted.append(
+                {"request": seq, "identifier": identifier, "found": profile is not None}
+            )
         self._keep(seq, "delete", [identifier for _, identifier in keys])
         return deleted
 
@@ -144,6 +148,10 @@ class _Store:
     def ignored_attributes(self) -> list[dict]:
         self._catch_up()
         return list(self._ignored_attributes)
+
+    def deleted(self) -> list[dict]:
+        """Every identifier a /users/delete named, and whether a profile was found."""
+        return list(self._deleted)
 
     # -- replay
 

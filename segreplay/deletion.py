@@ -1,0 +1,168 @@
+"""`segreplay delete`: ask Braze's /users/delete to forget people, then forget them in the
+state too (privacy.md). Each acknowledged request is recorded at once, so a killed run
+resumes where it stopped and a second run sends nothing.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+
+from segreplay.config import MAX_IDS_PER_REQUEST, DeleteConfig
+from segreplay.jsonutil import dumps
+from segreplay.privacy import IdKind, IdList, PersonId, user_digest
+from segreplay.reporting import DeadLetter, Reporter
+from segreplay.retry import Abandoned
+from segreplay.runfiles import check_folder, now, open_state
+from segreplay.state import State
+from segreplay.stopping import StopNow, StopRequest
+from segreplay.userops import UserOps
+
+DELETE_PATH = "/users/delete"
+PERMISSION = "users.delete"
+_ARRAY = {IdKind.USER: "external_ids", IdKind.ANONYMOUS: "user_aliases"}
+
+
+@dataclass
+class DeleteSummary:
+    """The counts of one `segreplay delete`; `to_dict` is its --json object."""
+
+    ids_read: int = 0
+    duplicates: int = 0  # ids given more than once
+    already_deleted: int = 0  # deleted by an earlier run: not sent again
+    deleted: int = 0  # acknowledged by Braze in this run (or, dry run: would be sent)
+    braze_deleted: int = 0  # profiles Braze said it found and deleted
+    requests: int = 0
+    rejected: int = 0  # ids in requests Braze refused (see the dead letter)
+    retries: int = 0
+    rate_limited: int = 0
+    erased_messages: int = 0  # delivered messageId digests dropped from the state
+    elapsed_s: float = 0.0
+    dry_run: bool = False
+    interrupted: bool = False  # stopped by SIGINT or SIGTERM before the end
+
+    @property
+    def had_problems(self) -> bool:
+        return bool(self.rejected)
+
+    def to_dict(self) -> dict:
+        summary = asdict(self)
+        summary["command"] = "delete"
+        summary["elapsed_s"] = round(self.elapsed_s, 3)
+        return summary
+
+
+@dataclass
+class DeletePlan:
+    """What a run sends: the ids not deleted before, in request-sized groups."""
+
+    requests: list[list[PersonId]] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[PersonId]:
+        return [person for group in self.requests for person in group]
+
+
+def plan_requests(pending: list[PersonId]) -> DeletePlan:
+    """At most 50 ids a request, one kind of id a request (Braze's page: only one of
+    external_ids, user_aliases, ... may be given in a single request)."""
+    plan = DeletePlan()
+    for kind in IdKind:
+        same = [person for person in pending if person.kind is kind]
+        for start in range(0, len(same), MAX_IDS_PER_REQUEST):
+            plan.requests.append(same[start : start + MAX_IDS_PER_REQUEST])
+    return plan
+
+
+def request_body(group: list[PersonId]) -> bytes:
+    kind = group[0].kind
+    return dumps({_ARRAY[kind]: [kind.identifier(person.value) for person in group]})
+
+
+def run_delete(
+    config: DeleteConfig,
+    ids: IdList,
+    reporter: Reporter,
+    stop: StopRequest | None = None,
+    make_userops: Callable[..., UserOps] = UserOps,
+) -> tuple[DeleteSummary, DeletePlan]:
+    """Delete `ids` in Braze and erase them from the state. Returns the summary (with
+    `interrupted` set when `stop` was requested) and the plan (what was, or in a dry run
+    would be, sent). Raises SegreplayError when the run cannot go on.
+    `make_userops(delivery_options, stopping=...)` builds the client (tests inject)."""
+    started = _time.monotonic()
+    stop = stop or StopRequest()
+    summary = DeleteSummary(ids_read=ids.read, duplicates=ids.duplicates, dry_run=config.dry_run)
+    check_folder("--dead-letter", config.dead_letter_path)
+    if not config.dry_run:
+        check_folder("--state", config.state_path)
+    with ExitStack() as stack:
+        state = open_state(config.state_path, config.dry_run, stack)
+        deleted = set(state.deleted_digests())
+        pending = [person for person in ids.ids if user_digest(person.key) not in deleted]
+        # An anonymousId linked to a deleted userId goes with it (identity.md): its
+        # alias profile, and any later anonymous line of it.
+        named = {person.key for person in pending}
+        for person in list(pending):
+            if person.kind is IdKind.USER:
+                for anonymous_id in state.linked_anonymous_ids(person.value):
+                    linked = PersonId(IdKind.ANONYMOUS, anonymous_id, person.source, person.line)
+                    if linked.key not in named and user_digest(linked.key) not in deleted:
+                        named.add(linked.key)
+                        pending.append(linked)
+        summary.already_deleted = len(ids.ids) - len(pending)
+        plan = plan_requests(pending)
+        if config.dry_run:
+            summary.deleted = len(pending)
+            summary.requests = len(plan.requests)
+            summary.elapsed_s = _time.monotonic() - started
+            return summary, plan
+        assert config.delivery is not None
+        run_id = state.start_run(now())
+        status = "failed"
+        dead_letter = DeadLetter(config.dead_letter_path, reporter)
+        stack.callback(dead_letter.close)
+        userops = make_userops(config.delivery, stopping=lambda: stop.requested)
+        stack.callback(userops.close)
+        try:
+            # A killed run may have left acknowledged deletions not yet erased.
+            summary.erased_messages += state.erase_deleted()
+            try:
+                for group in plan.requests:
+                    if stop.requested:
+                        break
+                    _send(userops, state, group, summary, dead_letter)
+            except Abandoned:
+                pass  # stopping: that request was not sent again; the next run sends it
+            summary.interrupted = stop.requested
+            # Also after a stop: what Braze acknowledged leaves the file now, not later.
+            summary.erased_messages += state.erase_deleted()
+            status = "interrupted" if summary.interrupted else "finished"
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt | StopNow):
+                status = "interrupted"
+            raise
+        finally:
+            summary.elapsed_s = _time.monotonic() - started
+            state.finish_run(run_id, now(), status, summary.to_dict())
+    return summary, plan
+
+
+def _send(userops: UserOps, state: State, group: list[PersonId], summary: DeleteSummary,
+          dead_letter: DeadLetter) -> None:  # fmt: skip
+    posted = userops.post(DELETE_PATH, request_body(group), PERMISSION)
+    summary.requests += 1
+    summary.retries += posted.retries
+    summary.rate_limited += posted.rate_limited
+    if not posted.accepted:
+        reason = posted.reason or "refused by Braze"
+        for person in group:
+            summary.rejected += 1
+            dead_letter.write(person.source, person.line, "refused by Braze", reason, person.value)
+        return
+    state.record_deletions([person.key for person in group], now())
+    summary.deleted += len(group)
+    count = posted.answer.get("deleted")
+    summary.braze_deleted += count if isinstance(count, int) else 0
