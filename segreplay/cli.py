@@ -214,9 +214,26 @@ def cli() -> None:
     metavar="SECONDS",
     help="On SIGINT or SIGTERM, how long to wait for answers to requests in flight.",
 )
+@click.option(
+    "--workers",
+    "workers_text",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Shard processes on this machine, each --rate / N (auto: one per core); docs/scale.md.",
+)
+@click.option(
+    "--shard",
+    "shard_text",
+    envvar="SEGREPLAY_SHARD",
+    show_envvar=True,
+    metavar="I/N",
+    help="Run only shard I of N (I = auto: the job index of Kubernetes, AWS Batch or "
+    "Cloud Run); give it its share of --rate. docs/scale.md.",
+)
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
-                   **mapping_options) -> None:  # fmt: skip
+                   workers_text, shard_text, **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -280,19 +297,25 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             mapping=mapping,
             delivery=delivery,
         )
+        workers, config = _sharded(config, workers_text, shard_text)
     except SegreplayError as error:
         _fail(error)
     # With --json, standard output holds the summary object alone: `| jq` must work.
     reporter = ConsoleReporter(diff_out=sys.stderr if as_json else None)
-    sink = None
-    if delivery is not None:
-        from segreplay.delivery import braze_sink
-
-        sink = braze_sink(delivery)
     stop = StopRequest()
     try:
         with stop.installed():
-            summary = run_import(config, reporter, sink, stop, stop_grace_s)
+            if workers > 1:
+                from segreplay.workers import run_workers
+
+                summary = run_workers(config, workers, reporter, stop, stop_grace_s)
+            else:
+                sink = None
+                if config.delivery is not None:
+                    from segreplay.delivery import braze_sink
+
+                    sink = braze_sink(config.delivery)
+                summary = run_import(config, reporter, sink, stop, stop_grace_s)
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
@@ -320,6 +343,25 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
         )  # fmt: skip
         _exit_now(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
+
+
+def _sharded(config: RunConfig, workers_text: str, shard_text: str | None):
+    """(worker processes, config): `--shard I/N` makes `config` one shard's; `--workers`
+    leaves sharding to run_workers. Either checks that the state is kept in N shards."""
+    from segreplay.sharding import check_shard_count, parse_shard, parse_workers, shard_config
+
+    workers = parse_workers(workers_text)
+    if shard_text:
+        if workers > 1:
+            raise UsageError(
+                "--shard and --workers do not go together",
+                "run one shard per process with --shard, or N of them with --workers",
+            )
+        shard = parse_shard(shard_text)
+        check_shard_count(config.state_path, shard.count)
+        return 1, shard_config(config, shard)
+    check_shard_count(config.state_path, workers)
+    return workers, config
 
 
 @cli.command("inspect")

@@ -101,6 +101,9 @@ class RunConfig:
     batch_limit: str = "combined"
     mapping: MappingOptions = field(default_factory=MappingOptions)
     delivery: DeliveryOptions | None = None  # None only for a dry run
+    # (index, count): decide only the lines of this shard's users (sharding.py); None
+    # for the whole archive. `state_path` is then the shard's own file.
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("--batch-limit", self.batch_limit, BATCH_LIMITS)

@@ -152,7 +152,7 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
         if mode == "none" or (mode == "named" and not _nonblank(record.get("name"))):
             return Skipped(SkipReason.PAGE if kind == "page" else SkipReason.SCREEN)
 
-    identity = _identity(record, options)
+    identity = resolve_identity(record, options)
     if not isinstance(identity, tuple):
         return identity
     user, identifier = identity
@@ -173,7 +173,10 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
     return mapper(record, call, options)
 
 
-def _identity(record: dict, options: MappingOptions) -> tuple[str, dict] | Mapped:
+def resolve_identity(record: dict, options: MappingOptions) -> tuple[str, dict] | Mapped:
+    """(the state key of the line's Braze user, its identifier object), or why it has
+    none. Sharding (sharding.py) keys lines by the same rules, so a shard owns a user
+    exactly when mapping would name that user."""
     user_id = record.get("userId")
     if isinstance(user_id, str):
         external_id = user_id.strip()

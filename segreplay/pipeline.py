@@ -20,9 +20,10 @@ from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
-from segreplay.reading import Invalid, invalid_record, mapped_lines
+from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
 from segreplay.settling import Settler
+from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
 from segreplay.state import State, StateLock
@@ -94,6 +95,9 @@ class _Replay:
         self._stop_grace_s = stop_grace_s
         self._chunk_lines = chunk_lines
         self._batcher = Batcher(config.batch_limit)
+        self._shard = Shard(*config.shard) if config.shard else None
+        # Whole-file problems name no user: shard 0 reports them, so each is said once.
+        self._reports_files = self._shard is None or self._shard.index == 0
         self._ledger = Ledger(state, run_id, config.mapping, self._batcher, summary)
         self._settler = Settler(self._ledger, summary, dead_letter, reporter, output,
                                 state if config.diff else None)  # fmt: skip
@@ -141,14 +145,21 @@ class _Replay:
         path = archive.path
         chunk: list = []
         add = chunk.append
-        for number, raw, record, mapped in mapped_lines(reader, self._config.mapping, point.skip):
+        elsewhere = 0  # lines of the chunk another shard owns: settled, not counted here
+        lines = mapped_lines(reader, self._config.mapping, point.skip, self._shard)
+        for number, raw, record, mapped in lines:
             if len(chunk) >= self._chunk_lines:
-                self._decide(progress, chunk)
+                self._decide(progress, chunk, elsewhere)
                 if self._halted():
                     return  # the rest of the file is read again by the next run
                 chunk = []
                 add = chunk.append
+                elsewhere = 0
             kind = type(mapped)
+            if kind is Elsewhere:
+                elsewhere += 1
+                add((number, 0, None))
+                continue
             if kind is Call:
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
@@ -164,16 +175,17 @@ class _Replay:
                 summary.invalid += 1
                 dead_letter.write(path, number, "invalid", mapped.reason, invalid_record(raw))
             add((number, 0, None))
-        self._decide(progress, chunk)
+        self._decide(progress, chunk, elsewhere)
         if self._halted():
             return
         self._bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = self._bytes_before
         self._ledger.close_file(progress)
 
-    def _decide(self, progress, chunk: list) -> None:
+    def _decide(self, progress, chunk: list, elsewhere: int) -> None:
         """Decide a chunk of lines, submit the batches it sealed, settle what answered."""
-        self._summary.lines += len(chunk)
+        self._summary.lines += len(chunk) - elsewhere
+        self._summary.lines_elsewhere += elsewhere
         self._ledger.decide_chunk(progress, chunk)
         self._submit_sealed()
         self._settle(self._sink.answers(0))
@@ -231,6 +243,8 @@ class _Replay:
         self._reporter.progress(self._summary, done, self._bytes_total)
 
     def _on_problem(self, problem: ReadProblem) -> None:
+        if not self._reports_files:
+            return
         summary = self._summary
         if problem.skipped_file:
             summary.files_skipped += 1
