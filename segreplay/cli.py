@@ -553,6 +553,42 @@ def reset_command(state_path: str, yes: bool) -> None:
     click.echo(f"{state_path}: reset; the next import starts from scratch")
 
 
+@cli.command("reshard")
+@click.option(
+    "--shards",
+    "count",
+    required=True,
+    type=click.IntRange(1, 1024),
+    help="The number of shards to keep the state in (1: one file).",
+)
+@_state_option
+def reshard_command(count: int, state_path: str) -> None:
+    """Redistribute a sharded state to M shards, offline, before a run with --workers M
+    or --shard I/M.
+
+    Users move to their new shard; delivered messageIds are copied into every new
+    shard; a file's checkpoint is kept at the least progress of the old shards (or
+    dropped, to be read again, where they disagree). Nothing is sent twice afterwards.
+    Refused while any shard is in use.
+
+    \b
+    Example: from --workers 2 to --workers 3
+      segreplay reshard --shards 3 --state segreplay-state.sqlite
+    """
+    from segreplay.resharding import reshard
+
+    try:
+        result = reshard(state_path, count)
+    except SegreplayError as error:
+        _fail(error)
+    click.echo(
+        f"{state_path}: {result.old_count} shards -> {result.new_count}: {result.users:,} "
+        f"users, {result.digests:,} delivered messageIds in each shard, "
+        f"{result.files_kept:,} file checkpoints kept, {result.files_dropped:,} files to "
+        "read again"
+    )
+
+
 def _exit_now(status: int) -> None:
     """Exit without joining worker threads still waiting on an answer: the state is
     closed, and a stop must not outlast its grace period."""
