@@ -231,9 +231,20 @@ def cli() -> None:
     help="Run only shard I of N (I = auto: the job index of Kubernetes, AWS Batch or "
     "Cloud Run); give it its share of --rate. docs/scale.md.",
 )
+@click.option(
+    "--state-upload-every",
+    "state_upload_every_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="With --state s3://... or gs://...: upload a snapshot of the state this often "
+    "(and at the end); a crash resends what was acknowledged since. docs/scale.md.",
+)
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
-                   workers_text, shard_text, **mapping_options) -> None:  # fmt: skip
+                   workers_text, shard_text, state_upload_every_s,
+                   **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -296,6 +307,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             batch_limit=batch_limit,
             mapping=mapping,
             delivery=delivery,
+            state_upload_every_s=state_upload_every_s,
         )
         workers, config = _sharded(config, workers_text, shard_text)
     except SegreplayError as error:

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 
 from segreplay.batching import Batcher
+from segreplay.bucket_state import BucketState, duplicate_bound, is_bucket_path
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
 from segreplay.ledger import Ledger
@@ -50,13 +51,20 @@ def run_import(
     archives = discover(config.sources)
     _check_folder("--output", config.output_path)
     _check_folder("--dead-letter", config.dead_letter_path)
-    if not config.dry_run:
+    if not config.dry_run and not is_bucket_path(config.state_path):
         _check_folder("--state", config.state_path)
     summary = Summary(dry_run=config.dry_run, files=len(archives))
     with ExitStack() as stack:
         sink = sink or DrySink()
         stack.callback(sink.close)
-        state = open_state(config, stack)
+        state, bucket = open_state(config, stack)
+        if bucket is not None and not config.dry_run:
+            delivery = config.delivery
+            reporter.notice(duplicate_bound(
+                config.state_path, config.state_upload_every_s,
+                delivery.rate_requests if delivery else None,
+                delivery.rate_seconds if delivery else None,
+            ))  # fmt: skip
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
@@ -64,7 +72,8 @@ def run_import(
         status = "failed"
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
-                             stop or StopRequest(), stop_grace_s, chunk_lines)  # fmt: skip
+                             stop or StopRequest(), stop_grace_s, chunk_lines,
+                             bucket if not config.dry_run else None)  # fmt: skip
             replay.run(archives)
             status = "interrupted" if summary.interrupted else "finished"
         except BaseException as error:
@@ -84,7 +93,7 @@ class _Replay:
     def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
                  reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
                  stop: StopRequest, stop_grace_s: float,
-                 chunk_lines: int) -> None:  # fmt: skip
+                 chunk_lines: int, bucket: BucketState | None = None) -> None:  # fmt: skip
         self._config = config
         self._state = state
         self._summary = summary
@@ -94,6 +103,7 @@ class _Replay:
         self._stop = stop
         self._stop_grace_s = stop_grace_s
         self._chunk_lines = chunk_lines
+        self._bucket = bucket  # state kept in a bucket: uploaded between chunks when due
         self._batcher = Batcher(config.batch_limit)
         self._shard = Shard(*config.shard) if config.shard else None
         # Whole-file problems name no user: shard 0 reports them, so each is said once.
@@ -233,6 +243,8 @@ class _Replay:
         self._settler.settle(answers)
 
     def _report_progress(self, final: bool = False) -> None:
+        if self._bucket is not None and self._bucket.due():
+            self._bucket.upload()
         self._summary.budget_waits = self._sink.budget_waits
         reader = self._reader
         done = (
@@ -284,20 +296,27 @@ def _now() -> str:
     return format_time(datetime.now(UTC))
 
 
-def open_state(config: RunConfig, stack: ExitStack) -> State:
-    """The state a run works on, closed with `stack`. A dry run works on a private copy,
-    then drops it, so it sees everything earlier runs delivered and never changes the
-    real file."""
+def open_state(config: RunConfig, stack: ExitStack) -> tuple[State, BucketState | None]:
+    """The state a run works on, closed with `stack`, and the bucket it is kept in, if
+    any (downloaded first, uploaded last, bucket_state.py). A dry run works on a private
+    copy, then drops it, so it sees everything earlier runs delivered and never changes
+    the real file."""
+    path = config.state_path
+    bucket = None
+    if is_bucket_path(path):
+        bucket = BucketState(path, config.state_upload_every_s)
+        path = bucket.open(lease=not config.dry_run)
+        stack.callback(bucket.close, upload=not config.dry_run)  # after the state closes
     if not config.dry_run:
-        stack.enter_context(StateLock(config.state_path))
-        state = State(config.state_path)
+        stack.enter_context(StateLock(path))
+        state = State(path)
         stack.callback(state.close)
-        return state
+        return state, bucket
     folder = tempfile.mkdtemp(prefix="segreplay-dry-run-")
     stack.callback(shutil.rmtree, folder, ignore_errors=True)
     scratch = os.path.join(folder, "state.sqlite")
-    if os.path.exists(config.state_path):
-        State.snapshot(config.state_path, scratch)
+    if os.path.exists(path):
+        State.snapshot(path, scratch)
     state = State(scratch, durable=False)
     stack.callback(state.close)
-    return state
+    return state, bucket

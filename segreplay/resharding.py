@@ -39,6 +39,11 @@ def reshard(state_path: str, count: int) -> ReshardResult:
     """Rewrite the state beside `state_path` as `count` shards (1: the plain file)."""
     if count < 1:
         raise UsageError(f"--shards must be at least 1, not {count}")
+    if state_path.startswith(("s3://", "gs://")):
+        raise UsageError(
+            "reshard works on state files on this machine, not in a bucket",
+            "copy the shard objects here (aws s3 cp), reshard them, and copy the new ones back",
+        )
     old_count = _source_count(state_path, count)
     old_paths = shard_paths(state_path, old_count)
     new_paths = shard_paths(state_path, count)

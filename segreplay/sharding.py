@@ -22,7 +22,6 @@ from segreplay.mapping import resolve_identity
 # Whichever of these the job engine sets says which shard this process is.
 INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX", "CLOUD_RUN_TASK_INDEX")
 MAX_SHARDS = 1024
-_SHARD_FILE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 
 
 def stable_hash(user: str) -> int:
@@ -125,12 +124,20 @@ def existing_counts(state_path: str) -> dict[int, list[str]]:
     """Shard counts the state files beside `state_path` were written with (1: the plain
     file), each with its files."""
     root, ext = _split(state_path)
+    if state_path.startswith(("s3://", "gs://")):
+        from segreplay.bucket_state import existing_keys
+
+        candidates = existing_keys(state_path)
+    else:
+        candidates = glob.glob(f"{glob.escape(root)}.shard-*-of-*{glob.escape(ext)}")
+        if os.path.exists(state_path):
+            candidates.append(state_path)
     found: dict[int, list[str]] = {}
-    if os.path.exists(state_path):
-        found[1] = [state_path]
-    for path in sorted(glob.glob(f"{glob.escape(root)}.shard-*-of-*{glob.escape(ext)}")):
-        match = _SHARD_FILE.search(path[: len(path) - len(ext)] if ext else path)
-        if match:
+    shard_file = re.compile(re.escape(root) + r"\.shard-(\d+)-of-(\d+)" + re.escape(ext))
+    for path in sorted(candidates):
+        if path == state_path:
+            found.setdefault(1, []).append(path)
+        elif match := shard_file.fullmatch(path):
             found.setdefault(int(match[2]), []).append(path)
     return found
 
