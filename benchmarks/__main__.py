@@ -151,7 +151,7 @@ def live_run(common: list[str], state: Path) -> tuple[dict, float, int]:
 def start_fake() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [str(BIN / "segreplay"), "fake-braze", "--port", "0", "--api-key", _API_KEY,
-         "--rate-limit", "1000000000"],
+         "--rate", "1000000000/1"],
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
