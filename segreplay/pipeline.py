@@ -155,9 +155,17 @@ class _Replay:
         path = archive.path
         chunk: list = []
         add = chunk.append
-        elsewhere = 0  # lines of the chunk another shard owns: settled, not counted here
+        # Lines another shard owns are settled here without an entry of their own: the
+        # next entry moves the file's progress past them, or one entry for the last.
+        elsewhere = 0
+        passed_over = None  # the last line read, when another shard owns it
         lines = mapped_lines(reader, self._config.mapping, point.skip, self._shard)
         for number, raw, record, mapped in lines:
+            kind = type(mapped)
+            if kind is Elsewhere:
+                elsewhere += 1
+                passed_over = number
+                continue
             if len(chunk) >= self._chunk_lines:
                 self._decide(progress, chunk, elsewhere)
                 if self._halted():
@@ -165,11 +173,7 @@ class _Replay:
                 chunk = []
                 add = chunk.append
                 elsewhere = 0
-            kind = type(mapped)
-            if kind is Elsewhere:
-                elsewhere += 1
-                add((number, 0, None))
-                continue
+            passed_over = None
             if kind is Call:
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
@@ -185,16 +189,19 @@ class _Replay:
                 summary.invalid += 1
                 dead_letter.write(path, number, "invalid", mapped.reason, invalid_record(raw))
             add((number, 0, None))
-        self._decide(progress, chunk, elsewhere)
+        if passed_over is not None:  # the file's last lines are another shard's
+            add((passed_over, 0, None))
+        self._decide(progress, chunk, elsewhere, passed_over is not None)
         if self._halted():
             return
         self._bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = self._bytes_before
         self._ledger.close_file(progress)
 
-    def _decide(self, progress, chunk: list, elsewhere: int) -> None:
-        """Decide a chunk of lines, submit the batches it sealed, settle what answered."""
-        self._summary.lines += len(chunk) - elsewhere
+    def _decide(self, progress, chunk: list, elsewhere: int, passed_over: bool = False) -> None:
+        """Decide a chunk of lines, submit the batches it sealed, settle what answered.
+        `passed_over`: the last entry only marks the file's last line as settled."""
+        self._summary.lines += len(chunk) - passed_over
         self._summary.lines_elsewhere += elsewhere
         self._ledger.decide_chunk(progress, chunk)
         self._submit_sealed()

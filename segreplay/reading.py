@@ -36,6 +36,7 @@ def mapped_lines(
     after the first `skip`. Problems with the file itself go to the reader's callback.
     With a `shard`, lines it does not own are only parsed far enough to find their user,
     and come as ELSEWHERE."""
+    owns = shard.line_filter(options) if shard is not None else None
     for number, raw in reader.lines(skip):
         try:
             record = loads(raw)
@@ -51,7 +52,7 @@ def mapped_lines(
             else:
                 yield number, raw, None, Invalid("not a JSON object")
             continue
-        if shard is not None and not shard.owns(record, options):
+        if owns is not None and not owns(record):
             yield number, raw, record, ELSEWHERE
             continue
         yield number, raw, record, map_call(record, options, len(raw))

@@ -282,9 +282,11 @@ class _QueueReporter:
     """A worker's Reporter: everything goes to the parent, progress at most every
     PROGRESS_EVERY_S, problems only as many as the console shows."""
 
-    def __init__(self, messages, index: int) -> None:
+    def __init__(self, messages, index: int, stop: StopRequest) -> None:
         self._messages = messages
         self._index = index
+        self._stop = stop
+        self._parent = os.getppid()
         self._problems = 0
         self._last_progress = 0.0
 
@@ -301,6 +303,9 @@ class _QueueReporter:
         if now - self._last_progress < PROGRESS_EVERY_S:
             return
         self._last_progress = now
+        if os.getppid() != self._parent and not self._stop.requested:
+            # The parent was killed (-9): nobody shows this run any more; stop cleanly.
+            self._stop.request(signal.SIGTERM)
         # A copy: the queue pickles it later, on its own thread, while the run goes on.
         snapshot = replace(summary, skips=Counter(summary.skips))
         self._messages.put(("progress", self._index, snapshot, bytes_done, bytes_total))
@@ -320,8 +325,8 @@ def _worker_main(job: _Job, messages, shared_pause) -> None:
 
     config = job.config
     index = config.shard[0] if config.shard else 0
-    reporter = _QueueReporter(messages, index)
     stop = StopRequest()
+    reporter = _QueueReporter(messages, index, stop)
     status = 0
     try:
         sink = None
