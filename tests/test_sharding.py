@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 
+import orjson
 import pytest
 from conftest import identify, segment, track
 from hypothesis import given
@@ -157,3 +158,40 @@ def test_a_429_in_one_process_pauses_the_others():
     first.pause(5.0)
     second.take()
     assert slept == [5.0] and second.waits == 1
+
+
+def _import(*args: str):
+    from click.testing import CliRunner
+
+    from segreplay.cli import cli
+
+    return CliRunner().invoke(cli, ["import", *args])
+
+
+def test_shard_and_workers_do_not_go_together(tmp_path):
+    result = _import("samples/segment-logs", "--dry-run", "--shard", "0/2", "--workers", "2",
+                     "--state", str(tmp_path / "s.sqlite"))  # fmt: skip
+    assert result.exit_code == 2
+    assert "--shard and --workers do not go together" in result.output
+
+
+def test_standard_input_is_not_shared_out(tmp_path):
+    result = _import("-", "--dry-run", "--workers", "2", "--state", str(tmp_path / "s.sqlite"))
+    assert result.exit_code == 2
+    assert "standard input cannot be shared out to --workers" in result.output
+
+
+def test_shard_from_the_environment(tmp_path):
+    from click.testing import CliRunner
+
+    from segreplay.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["import", "samples/segment-logs", "--dry-run", "--json",
+              "--state", str(tmp_path / "s.sqlite"), "--dead-letter", str(tmp_path / "dl")],
+        env={"SEGREPLAY_SHARD": "auto/2", "AWS_BATCH_JOB_ARRAY_INDEX": "1"},
+    )  # fmt: skip
+    assert result.exit_code in (0, 3), result.output
+    summary = orjson.loads(result.stdout.splitlines()[-1])
+    assert summary["lines_elsewhere"] > 0 and summary["lines"] > 0
+    assert (tmp_path / "s.shard-1-of-2.sqlite").exists() is False  # a dry run writes none
