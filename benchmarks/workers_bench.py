@@ -84,7 +84,8 @@ def _live(common: list[str], state: Path, workers: int) -> tuple[dict, float, in
 
 
 def figures(folder: Path, work: Path, repeat: int, skip_live: bool = False) -> None:
-    common = [str(folder), "--dead-letter", str(work / "dead.jsonl"), "--anonymous", "alias"]
+    # --anonymous skip: identity resolution (alias mode) does not run in shards yet
+    common = [str(folder), "--dead-letter", str(work / "dead.jsonl"), "--anonymous", "skip"]
     best: dict[tuple[str, int], float] = {}
     worker_rss = 0
     runs: dict[tuple[str, int], dict] = {}

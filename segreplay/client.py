@@ -139,6 +139,7 @@ class BrazeClient:
             limits=httpx.Limits(max_connections=connections), retries=0
         )
         self._endpoint = endpoint
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per path, not per request
         self._host = httpx.URL(endpoint).host
         self._clock = clock
         self._headers = httpx.Headers(
@@ -156,10 +157,12 @@ class BrazeClient:
 
     def post(self, path: str, body: bytes) -> Verdict:
         """Send `body` once and say what Braze's answer (or the network) means."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._endpoint + path)
         request = httpx.Request(
-            "POST", self._endpoint + path, headers=self._headers, content=body,
-            extensions=self._extensions,
-        )  # fmt: skip
+            "POST", url, headers=self._headers, content=body, extensions=self._extensions
+        )
         try:
             response = self._transport.handle_request(request)
             try:

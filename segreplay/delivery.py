@@ -20,7 +20,7 @@ import httpx
 from segreplay.batching import Batch
 from segreplay.client import TRACK_PATH, BrazeClient
 from segreplay.config import DeliveryOptions
-from segreplay.retry import Abandoned, RequestBudget, RetryNotice, RetryPolicy
+from segreplay.retry import Abandoned, Delivered, RequestBudget, RetryNotice, RetryPolicy
 from segreplay.sink import Answer
 
 
@@ -63,6 +63,7 @@ class BrazeSink:
         self._in_flight: dict[Future, Batch] = {}
         self._users_in_flight: set[str] = set()
         self.error: BaseException | None = None  # what stopped delivery, once it has
+        self.unsent = 0  # submitted, then abandoned by a stop before any attempt
 
     @property
     def in_flight(self) -> int:
@@ -88,8 +89,9 @@ class BrazeSink:
             self._users_in_flight.difference_update(batch.ordered_users)
             try:
                 answers.append(future.result())
-            except Abandoned:
-                pass  # never answered: its lines stay unacknowledged and are read again
+            except Abandoned as abandoned:
+                # Never answered: its lines stay unacknowledged and are read again.
+                self.unsent += not abandoned.sent
             except BaseException as error:  # noqa: BLE001 - the pipeline raises it
                 if self.error is None:
                     self.error = error
@@ -117,7 +119,7 @@ class BrazeSink:
 
     def _wait_unless_stopped(self, seconds: float) -> None:
         if self._stopping.wait(seconds):
-            raise Abandoned
+            raise Abandoned(sent=False)  # deliver() says whether an attempt was made
 
     def _deliver(self, batch: Batch) -> Answer:
         delivered = self._policy.deliver(self._post, batch.body)
@@ -136,3 +138,42 @@ def braze_sink(
     """Delivery to Braze with these options; tests inject the transport, sleep, random
     source and clock. `shared_pause`: see RequestBudget (`--workers` shares a 429)."""
     return BrazeSink(options, transport, sleep, rng, clock, shared_pause)
+
+
+USER_OPS_RATE = (10_000, 60.0)  # half of the 20,000 a minute these endpoints share
+_PERMISSIONS = {"/users/identify": "users.identify", "/users/merge": "users.merge"}
+
+
+class UserOps:
+    """Posts to the user-management endpoints (/users/identify, /users/merge), one
+    request at a time under their own budget, with the same retry rules as /users/track."""
+
+    def __init__(
+        self,
+        options: DeliveryOptions,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._options = options
+        self._sleep = sleep
+        self._rng = rng
+        self._budget = RequestBudget(*USER_OPS_RATE, clock, sleep)
+        self._client = BrazeClient(options.endpoint, options.api_key, options.timeout_s, 1,
+                                   transport)  # fmt: skip
+
+    def post(self, path: str, body: bytes) -> Delivered:
+        policy = RetryPolicy(
+            self._budget,
+            max_attempts=self._options.max_attempts,
+            reserve=1,
+            sleep=self._sleep,
+            rng=self._rng,
+            permission=_PERMISSIONS.get(path, path),
+            backoff_base_s=self._options.backoff_base_s,
+        )
+        return policy.deliver(functools.partial(self._client.post, path), body)
+
+    def close(self) -> None:
+        self._client.close()

@@ -4,6 +4,7 @@ Braze's acknowledgement: what each request carries, and what waits on it."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from segreplay.batching import Batch, Batcher, Origin
@@ -15,6 +16,7 @@ from segreplay.source import ArchiveFile
 from segreplay.state import FileCheckpoint, State
 
 _COMMIT_EVERY_LINES = 20_000  # checkpoint even when nothing is acknowledged (all duplicates)
+DECIDE_SLICE = 200  # lines decided between two chances to send what sealed
 
 # An object Braze refused: ("attributes", user) or (array, index).
 RefusedKey = tuple[str, object]
@@ -76,8 +78,8 @@ class Ledger:
     are `ordered` for it: the sink never has two of them in flight, so they are
     acknowledged in decision order.
 
-    Decisions and settling never interleave: the caller settles answers only between
-    calls to `decide_chunk`.
+    Decisions and settling never interleave: the caller settles answers only while
+    `decide_chunk` is paused between two slices of lines, or between chunks.
     """
 
     def __init__(self, state: State, run_id: int, options: MappingOptions, batcher: Batcher,
@@ -111,10 +113,15 @@ class Ledger:
 
     # decisions -----------------------------------------------------------------------
 
-    def decide_chunk(self, progress: _FileProgress, entries: list) -> None:
+    def decide_chunk(self, progress: _FileProgress, entries: list,
+                     pause_every: int = DECIDE_SLICE) -> Iterator[None]:  # fmt: skip
         """Decide a chunk of lines, in order: (line, size, Call or None for a line that
         needs nothing from Braze). State is read for the whole chunk in two queries.
-        The batches this fills wait in the batcher's `take_sealed()`."""
+        The batches this fills wait in the batcher's `take_sealed()`.
+
+        A generator: it pauses after every `pause_every` lines, with every line so far
+        fully decided, so the caller can send what sealed (and settle answers) while the
+        rest of the chunk waits."""
         all_digests: list[int] = []
         per_call: list = []
         users = set()
@@ -134,10 +141,14 @@ class Ledger:
         users.difference_update(self._overlay)
         self._delivered = self._state.prefetch(users, all_digests)
         decide = self._decide
-        for (line, size, call), digests in zip(entries, per_call, strict=True):
-            if call is not None:
-                decide(call, digests, progress, line, size)
-            progress.last_line = line  # settled, or held by a batch until acknowledged
+        for start in range(0, len(entries), pause_every):
+            end = start + pause_every
+            for (line, size, call), digests in zip(entries[start:end], per_call[start:end],
+                                                   strict=True):  # fmt: skip
+                if call is not None:
+                    decide(call, digests, progress, line, size)
+                progress.last_line = line  # settled, or held by a batch until acknowledged
+            yield
         self._lines_since_commit += len(entries)
         if self._lines_since_commit >= _COMMIT_EVERY_LINES:
             self.commit()
@@ -149,6 +160,16 @@ class Ledger:
         if view is None:
             committed = self._state.user_attributes(user)
             known = committed is not None
+            if not known and call.is_alias and not self._options.update_existing_only:
+                # Braze creates an alias-only profile only from an attributes object
+                # that says so, and drops events for an alias it does not hold: that
+                # object goes first, once per alias across runs.
+                obj = {**call.identifier, "_update_existing_only": False}
+                batch = self._batcher.add_attributes(user, obj, origin, size)
+                self._attach(batch, user, {}, progress, line)
+                view = self._overlay[user] = {}
+                committed, known = view, True
+                self._summary.aliases_created += 1
         else:
             committed, known = view, True
         sent_objects = (
@@ -263,6 +284,9 @@ class Ledger:
             pending.settled = True
             settled.append((batch, pending))
         self.commit(effects, digests)
+        # Settled between two slices of a chunk, whose delivered digests were read before
+        # these answers: without this, a repeat later in the chunk would be sent again.
+        self._delivered.update(digests)
         for batch, pending in settled:
             self._pending_digests.difference_update(batch.event_digests)
             self._pending_digests.difference_update(batch.purchase_digests)

@@ -7,6 +7,7 @@ No I/O and no state here: deduplication against what was already sent happens la
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from segreplay.config import MappingOptions
@@ -104,7 +105,7 @@ class Call:
 
     __slots__ = (
         "kind", "user", "identifier", "time", "message_id", "attributes", "events",
-        "purchases", "drops", "rejected_objects", "measure_nested",
+        "purchases", "drops", "rejected_objects", "measure_nested", "resolved_from",
     )  # fmt: skip
 
     def __init__(self, kind: str, user: str, identifier: dict, time: str, message_id) -> None:
@@ -119,6 +120,7 @@ class Call:
         self.drops: list[Drop] = []
         self.rejected_objects: list[Rejected] = []
         self.measure_nested = True
+        self.resolved_from = ""  # the anonymousId of an anonymous line sent as its userId
 
     @property
     def is_alias(self) -> bool:
@@ -132,11 +134,13 @@ class Call:
 Mapped = Call | Rejected | Skipped
 
 
-def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapped:
+def map_call(record: dict, options: MappingOptions, line_bytes: int = 0,
+             links: Mapping[str, str] | None = None) -> Mapped:  # fmt: skip
     """Map one parsed Segment line (a JSON object) to Braze objects.
 
     `line_bytes`, the line's length when known, spares measuring nested values of lines
-    too short to hold one over Braze's size limit."""
+    too short to hold one over Braze's size limit. `links` (anonymousId -> userId, with
+    --anonymous alias) sends an anonymous line as the user it turned out to be."""
     kind = record.get("type")
     if not isinstance(kind, str) or not kind:
         if kind is None or kind == "":
@@ -152,15 +156,11 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
         if mode == "none" or (mode == "named" and not _nonblank(record.get("name"))):
             return Skipped(SkipReason.PAGE if kind == "page" else SkipReason.SCREEN)
 
-    identity = resolve_identity(record, options)
-    if not isinstance(identity, tuple):
+    identity = resolve_identity(record, options, links)
+    if type(identity) is not tuple:
         return identity
-    user, identifier = identity
-    time = (
-        parse_time(record.get("timestamp"))
-        or parse_time(record.get("originalTimestamp"))
-        or parse_time(record.get("receivedAt"))
-    )
+    user, identifier, resolved_from = identity
+    time = event_time(record)
     if time is None:
         return Rejected("no parseable time in timestamp, originalTimestamp or receivedAt")
     if (options.since and time < options.since) or (options.until and time >= options.until):
@@ -169,38 +169,70 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0) -> Mapp
     if message_id is not None and not isinstance(message_id, str):
         message_id = str(message_id)
     call = Call(kind, user, identifier, time, message_id or None)
+    call.resolved_from = resolved_from
     call.measure_nested = not 0 < line_bytes < MAX_NESTED_BYTES
     return mapper(record, call, options)
 
 
-def resolve_identity(record: dict, options: MappingOptions) -> tuple[str, dict] | Mapped:
-    """(the state key of the line's Braze user, its identifier object), or why it has
-    none. Sharding (sharding.py) keys lines by the same rules, so a shard owns a user
-    exactly when mapping would name that user."""
+def external_id_of(record: dict) -> str | Rejected:
+    """The line's userId as a Braze external_id; "" when it has none."""
     user_id = record.get("userId")
     if isinstance(user_id, str):
         external_id = user_id.strip()
     elif user_id is None:
-        external_id = ""
+        return ""
     elif isinstance(user_id, int | float) and not isinstance(user_id, bool):
         external_id = str(int(user_id)) if float(user_id).is_integer() else repr(user_id)
     else:
         return Rejected(f"userId must be a string or a number, not {_json_type(user_id)}")
+    if len(external_id.encode()) > MAX_EXTERNAL_ID_BYTES:
+        return Rejected(f"userId is longer than {MAX_EXTERNAL_ID_BYTES} bytes")
+    return external_id
+
+
+def anonymous_id_of(record: dict, key: str = "anonymousId") -> str:
+    """The line's anonymousId (or another id field, such as an alias call's previousId),
+    stripped; "" when it has none."""
+    anonymous_id = record.get(key)
+    if isinstance(anonymous_id, int | float) and not isinstance(anonymous_id, bool):
+        return str(anonymous_id)
+    if not isinstance(anonymous_id, str):
+        return ""
+    return anonymous_id.strip()
+
+
+def event_time(record: dict) -> str | None:
+    """The line's event time, canonical UTC; None when no field holds a parseable one."""
+    return (
+        parse_time(record.get("timestamp"))
+        or parse_time(record.get("originalTimestamp"))
+        or parse_time(record.get("receivedAt"))
+    )
+
+
+def alias_identifier(anonymous_id: str) -> dict:
+    return {"user_alias": {"alias_name": anonymous_id, "alias_label": ALIAS_LABEL}}
+
+
+def resolve_identity(record: dict, options: MappingOptions,
+                     links=None) -> tuple[str, dict, str] | Mapped:  # fmt: skip
+    """(state key, Braze identifier, the anonymousId it was resolved from or ""), or why
+    the line has no user. Sharding (sharding.py) keys lines by the same rules, so a shard
+    owns a user exactly when mapping would name that user."""
+    external_id = external_id_of(record)
+    if type(external_id) is Rejected:
+        return external_id
     if external_id:
-        if len(external_id.encode()) > MAX_EXTERNAL_ID_BYTES:
-            return Rejected(f"userId is longer than {MAX_EXTERNAL_ID_BYTES} bytes")
-        return "e:" + external_id, {"external_id": external_id}
+        return "e:" + external_id, {"external_id": external_id}, ""
     if options.anonymous == "skip":
         return Skipped(SkipReason.ANONYMOUS)
-    anonymous_id = record.get("anonymousId")
-    if isinstance(anonymous_id, int | float) and not isinstance(anonymous_id, bool):
-        anonymous_id = str(anonymous_id)
-    if not isinstance(anonymous_id, str) or not anonymous_id.strip():
+    anonymous_id = anonymous_id_of(record)
+    if not anonymous_id:
         return Skipped(SkipReason.ANONYMOUS)
-    anonymous_id = anonymous_id.strip()
-    return "a:" + anonymous_id, {
-        "user_alias": {"alias_name": anonymous_id, "alias_label": ALIAS_LABEL}
-    }
+    resolved = links.get(anonymous_id) if links else None
+    if resolved is not None:
+        return "e:" + resolved, {"external_id": resolved}, anonymous_id
+    return "a:" + anonymous_id, alias_identifier(anonymous_id), ""
 
 
 # identify ---------------------------------------------------------------------------

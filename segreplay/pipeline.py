@@ -12,27 +12,31 @@ import os
 import shutil
 import tempfile
 import time as _time
+from collections import deque
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
-from segreplay.batching import Batcher
+from segreplay.batching import Batch, Batcher
 from segreplay.bucket_state import BucketState, duplicate_bound, is_bucket_path
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.errors import UsageError
+from segreplay.identity import Link, Links, scan
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
+from segreplay.merging import Post, dry_post, plan_merges, send_merges
 from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
 from segreplay.settling import Settler
 from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
-from segreplay.state import State, StateLock
+from segreplay.state import ResumePoint, State, StateLock
 from segreplay.stopping import StopNow, StopRequest
 from segreplay.times import format_time
 
 CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
+_QUEUE_BATCHES = 16  # sealed batches that may wait for the sink before deciding waits too
 
 
 def run_import(
@@ -42,11 +46,13 @@ def run_import(
     stop: StopRequest | None = None,
     stop_grace_s: float = DEFAULT_STOP_GRACE_S,
     chunk_lines: int = CHUNK_LINES,
+    user_ops: Post | None = None,
 ) -> Summary:
     """Replay `config.sources` into `sink` (a dry run when None; closed here). Returns
     the summary, with `interrupted` set when `stop` was requested; raises
     SegreplayError when the run cannot go on. Answers are settled between chunks of
-    `chunk_lines` lines."""
+    `chunk_lines` lines. `user_ops` posts merges (/users/identify, /users/merge); a dry
+    run's acknowledges them."""
     started = _time.monotonic()
     archives = discover(config.sources)
     _check_folder("--output", config.output_path)
@@ -73,6 +79,7 @@ def run_import(
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
                              stop or StopRequest(), stop_grace_s, chunk_lines,
+                             user_ops or dry_post,
                              bucket if not config.dry_run else None)  # fmt: skip
             replay.run(archives)
             status = "interrupted" if summary.interrupted else "finished"
@@ -92,8 +99,8 @@ class _Replay:
 
     def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
                  reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
-                 stop: StopRequest, stop_grace_s: float,
-                 chunk_lines: int, bucket: BucketState | None = None) -> None:  # fmt: skip
+                 stop: StopRequest, stop_grace_s: float, chunk_lines: int,
+                 user_ops: Post, bucket: BucketState | None = None) -> None:  # fmt: skip
         self._config = config
         self._state = state
         self._summary = summary
@@ -114,31 +121,66 @@ class _Replay:
         self._bytes_before = 0
         self._bytes_total = 0
         self._reader: LineReader | None = None  # the file being read
+        self._queue: deque[Batch] = deque()  # sealed, waiting for room in the sink
+        self._output = output
+        self._user_ops = user_ops
+        self._links = Links(state.link) if config.mapping.anonymous == "alias" else None
 
     def _halted(self) -> bool:
         return self._stop.requested or self._sink.error is not None
 
     def run(self, archives: list[ArchiveFile]) -> None:
         self._bytes_total = sum(a.size or 0 for a in archives)
-        for archive in archives:
+        options = self._config.mapping.decides_lines()
+        points = [
+            (archive, self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
+                                               lambda a=archive: fingerprint(a), options))
+            for archive in archives
+        ]  # fmt: skip
+        new_links = self._resolve(points) if self._links is not None else []
+        for archive, point in points:
             if self._halted():
                 break
-            self._replay_file(archive)
+            self._replay_file(archive, point, options)
         if not self._halted():
             self._batcher.flush()
-            self._submit_sealed()
+            self._send(until_empty=True)
         self._drain()
+        self._summary.requests -= self._sink.unsent  # a stop came before they went out
         self._ledger.commit()
-        self._report_progress(final=not self._halted())
         if self._sink.error is not None:
             raise self._sink.error
+        if self._links is not None and not self._halted():
+            plan_merges(self._state, new_links)  # users this run created may need one too
+            send_merges(self._state, self._user_ops, self._summary, self._reporter,
+                        self._dead_letter, self._output, self._config.diff)  # fmt: skip
+        self._report_progress(final=not self._halted())
         self._summary.interrupted = self._stop.requested
 
-    def _replay_file(self, archive: ArchiveFile) -> None:
+    def _resolve(self, points: list) -> list[Link]:
+        """The first pass, with --anonymous alias: find who anonymous visitors are in the
+        lines this run will read, record it, and plan the merges of profiles Braze holds."""
+        links = self._links
+        for archive, point in points:
+            if not point.done:
+                scan(LineReader(archive, lambda problem: None), point.skip, links)
+        new, conflicts = links.settle()
+        for conflict in conflicts:
+            link = conflict.link
+            self._summary.identity_conflicts += 1
+            self._dead_letter.write(
+                link.path, link.line, "identity conflict",
+                f"anonymousId {link.anonymous_id} is already {conflict.kept}; this line links "
+                f"it to {link.external_id} (the first link by event time keeps)",
+                {"anonymousId": link.anonymous_id, "userId": link.external_id,
+                 "kept": conflict.kept, "time": link.time},
+            )  # fmt: skip
+        self._state.record_links((n.anonymous_id, n.external_id, n.time) for n in new)
+        plan_merges(self._state, new)
+        return new
+
+    def _replay_file(self, archive: ArchiveFile, point: ResumePoint, options: str) -> None:
         summary = self._summary
-        options = self._config.mapping.decides_lines()
-        point = self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
-                                         lambda: fingerprint(archive), options)  # fmt: skip
         if point.done:
             summary.files_already_done += 1
             summary.lines_already_done += point.skip
@@ -159,7 +201,7 @@ class _Replay:
         # next entry moves the file's progress past them, or one entry for the last.
         elsewhere = 0
         passed_over = None  # the last line read, when another shard owns it
-        lines = mapped_lines(reader, self._config.mapping, point.skip, self._shard)
+        lines = mapped_lines(reader, self._config.mapping, point.skip, self._links, self._shard)
         for number, raw, record, mapped in lines:
             kind = type(mapped)
             if kind is Elsewhere:
@@ -175,6 +217,8 @@ class _Replay:
                 elsewhere = 0
             passed_over = None
             if kind is Call:
+                if mapped.resolved_from:
+                    summary.anonymous_resolved += 1
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
                 add((number, len(raw), mapped))
@@ -199,24 +243,37 @@ class _Replay:
         self._ledger.close_file(progress)
 
     def _decide(self, progress, chunk: list, elsewhere: int, passed_over: bool = False) -> None:
-        """Decide a chunk of lines, submit the batches it sealed, settle what answered.
+        """Decide a chunk of lines; between slices of it, send what sealed.
         `passed_over`: the last entry only marks the file's last line as settled."""
         self._summary.lines += len(chunk) - passed_over
         self._summary.lines_elsewhere += elsewhere
-        self._ledger.decide_chunk(progress, chunk)
-        self._submit_sealed()
+        for _ in self._ledger.decide_chunk(progress, chunk):
+            self._send()
         self._settle(self._sink.answers(0))
         self._report_progress()
 
-    def _submit_sealed(self) -> None:
+    def _send(self, until_empty: bool = False) -> None:
+        """Submit sealed batches in order while the sink has room, settling the answers
+        that free it. Waits only when more than a window's worth is queued (or, at the
+        end, until every batch is sent), so deciding and sending overlap."""
+        queue = self._queue
+        queue.extend(self._batcher.take_sealed())
         sink = self._sink
-        for batch in self._batcher.take_sealed():
-            while not sink.has_room(batch):
-                self._settle(sink.answers(_POLL_S))
-                self._report_progress()
+        while queue:
+            batch = queue[0]
+            if not sink.has_room(batch):
+                answers = sink.answers(0)
+                if not answers:
+                    if not until_empty and len(queue) <= _QUEUE_BATCHES:
+                        return  # keep deciding; try again after the next slice
+                    answers = sink.answers(_POLL_S)
+                    self._report_progress()
+                self._settle(answers)
                 if self._halted():
-                    return  # never sent: their lines stay unacknowledged
-            sink.submit(batch)
+                    queue.clear()  # never sent: their lines stay unacknowledged
+                    return
+                continue
+            sink.submit(queue.popleft())
             self._summary.requests += 1
 
     def _drain(self) -> None:

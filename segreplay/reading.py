@@ -30,13 +30,17 @@ ELSEWHERE = Elsewhere()
 
 
 def mapped_lines(
-    reader: LineReader, options: MappingOptions, skip: int = 0, shard: Shard | None = None
+    reader: LineReader,
+    options: MappingOptions,
+    skip: int = 0,
+    links=None,
+    shard: Shard | None = None,
 ) -> Iterator[tuple[int, bytes, dict | None, Mapped | Invalid | Elsewhere]]:
     """(line number, raw line, parsed record or None, what it maps to) for each line
-    after the first `skip`. Problems with the file itself go to the reader's callback.
-    With a `shard`, lines it does not own are only parsed far enough to find their user,
-    and come as ELSEWHERE."""
-    owns = shard.line_filter(options) if shard is not None else None
+    after the first `skip`; `links` resolves anonymousIds (identity.Links). Problems with
+    the file itself go to the reader's callback. With a `shard`, lines it does not own
+    are only parsed far enough to find their user, and come as ELSEWHERE."""
+    owns = shard.line_filter(options, links) if shard is not None else None
     for number, raw in reader.lines(skip):
         try:
             record = loads(raw)
@@ -55,7 +59,7 @@ def mapped_lines(
         if owns is not None and not owns(record):
             yield number, raw, record, ELSEWHERE
             continue
-        yield number, raw, record, map_call(record, options, len(raw))
+        yield number, raw, record, map_call(record, options, len(raw), links)
 
 
 def invalid_record(raw: bytes) -> str:

@@ -56,6 +56,10 @@ class Summary:
     files_already_done: int = 0
     lines_already_done: int = 0
     bytes_read: int = 0
+    aliases_created: int = 0  # alias-only profiles created for anonymous visitors
+    anonymous_resolved: int = 0  # anonymous lines sent as the userId they turned out to be
+    merges_sent: int = 0  # /users/identify and /users/merge items Braze acknowledged
+    identity_conflicts: int = 0  # lines linking an anonymousId to a second userId
     requests_abandoned: int = 0  # still unanswered when a stop's grace period ended
     elapsed_s: float = 0.0
     dry_run: bool = False

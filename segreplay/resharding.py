@@ -157,6 +157,7 @@ def _write_shard(path: str, old_paths: list[str], index: int, count: int, old_co
                 (run_id, index),
             )
             db.execute(f"INSERT OR IGNORE INTO delivered SELECT * FROM old{number}.delivered")
+            _copy_everywhere(db, f"old{number}")
         db.executemany(
             "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns, "
             "options) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -171,6 +172,28 @@ def _write_shard(path: str, old_paths: list[str], index: int, count: int, old_co
     finally:
         db.close()
     return users, digests
+
+
+# Tables that are facts about the whole archive or workspace, not about one user's
+# shard: every new shard gets every row (links: who an anonymousId is; aliased: users
+# holding an alias; and any table a later schema adds, until it says otherwise).
+_PER_USER_TABLES = {"users", "delivered", "files", "runs", "merges"}
+
+
+def _copy_everywhere(db: sqlite3.Connection, old: str) -> None:
+    tables = [row[0] for row in db.execute(
+        f"SELECT name FROM {old}.sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+    )]  # fmt: skip
+    mine = {row[0] for row in db.execute("SELECT name FROM main.sqlite_master WHERE type='table'")}
+    for table in tables:
+        if table in mine and table not in _PER_USER_TABLES:
+            db.execute(f'INSERT OR IGNORE INTO main."{table}" SELECT * FROM {old}."{table}"')
+    if "merges" in tables and "merges" in mine:
+        # A merge done in any old shard is done; shards do not send merges yet (scale.md).
+        db.execute(
+            f"INSERT INTO merges SELECT * FROM {old}.merges WHERE true "
+            "ON CONFLICT(merge_from) DO UPDATE SET done = max(done, excluded.done)"
+        )
 
 
 def _remove(path: str) -> None:

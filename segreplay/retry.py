@@ -25,7 +25,12 @@ _ARRAYS = ("attributes", "events", "purchases")
 
 
 class Abandoned(Exception):
-    """The run is stopping: the request was not sent again (or at all)."""
+    """The run is stopping: the request was not sent again, or, when `sent` is false,
+    not at all."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__("abandoned: the run is stopping")
+        self.sent = sent
 
 
 class RequestBudget:
@@ -108,6 +113,7 @@ class Delivered:
     refusals: list[Refusal] = field(default_factory=list)
     retries: int = 0
     rate_limited: int = 0
+    attempts: int = 0  # posts made, retries and split halves included
 
 
 class RetryPolicy:
@@ -143,17 +149,21 @@ class RetryPolicy:
 
     def deliver(self, post: Callable[[bytes], Verdict], body: bytes) -> Delivered:
         delivered = Delivered()
-        self._send(post, body, None, delivered)
+        try:
+            self._send(post, body, None, delivered)
+        except Abandoned:
+            raise Abandoned(delivered.attempts > 0) from None
         return delivered
 
     def _send(self, post, body: bytes, offsets: dict[str, int] | None, out: Delivered) -> None:
         failures = 0
         while True:
             if self._stopping():
-                raise Abandoned
+                raise Abandoned(out.attempts > 0)
             self._budget.take()
             if self._stopping():
-                raise Abandoned
+                raise Abandoned(out.attempts > 0)
+            out.attempts += 1
             verdict = post(body)
             kind = verdict.kind
             if kind is VerdictKind.ACCEPTED:

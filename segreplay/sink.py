@@ -51,6 +51,9 @@ class Sink(Protocol):
     error: BaseException | None
     """What stopped delivery (a bad key, Braze unreachable), once something has."""
 
+    unsent: int
+    """Batches submitted, then abandoned by a stop before they were ever sent."""
+
     def notices(self) -> list:
         """Failed attempts (retry.RetryNotice) since the last call, to tell the user."""
 
@@ -68,6 +71,7 @@ class DrySink:
     """A dry run: every request is acknowledged at once, nothing leaves the machine."""
 
     error = None
+    unsent = 0
 
     def __init__(self) -> None:
         self._answers: list[Answer] = []

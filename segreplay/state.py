@@ -10,14 +10,15 @@ import fcntl
 import os
 import sqlite3
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from segreplay.config import MappingOptions
 from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _USER_CACHE_SIZE = 10_000  # committed attribute rows kept in memory: bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
@@ -52,6 +53,21 @@ _MIGRATIONS: dict[int, str] = {
     # other options reads the file again. NULL: read by a version that did not record
     # them, taken as the defaults.
     3: "ALTER TABLE files ADD COLUMN options TEXT",
+    # Identity (identity.md): who an anonymousId turned out to be, the merges that joins
+    # profiles Braze already holds, and the users that hold a segment_anonymous_id alias.
+    4: """
+        CREATE TABLE links (
+            anonymous_id TEXT PRIMARY KEY,  -- an anonymousId, or an alias call's previousId
+            external_id TEXT NOT NULL,
+            time TEXT NOT NULL              -- event time of the line that made the link
+        ) WITHOUT ROWID;
+        CREATE TABLE merges (
+            merge_from TEXT PRIMARY KEY,    -- 'a:<anonymousId>' or 'e:<previous userId>'
+            keep TEXT NOT NULL,             -- 'e:<userId>'
+            done INTEGER NOT NULL DEFAULT 0 -- 1 once Braze acknowledged it
+        ) WITHOUT ROWID;
+        CREATE TABLE aliased (external_id TEXT PRIMARY KEY) WITHOUT ROWID;
+    """,
 }
 _DEFAULT_OPTIONS = MappingOptions().decides_lines()
 
@@ -250,7 +266,66 @@ class State:
             "delivered_messages": one("SELECT count(*) FROM delivered").fetchone()[0],
             "files": one("SELECT count(*) FROM files").fetchone()[0],
             "files_done": one("SELECT count(*) FROM files WHERE done").fetchone()[0],
+            "links": one("SELECT count(*) FROM links").fetchone()[0],
+            "merges_pending": one("SELECT count(*) FROM merges WHERE NOT done").fetchone()[0],
         }
+
+    # identity ----------------------------------------------------------------------------
+
+    def link(self, anonymous_id: str) -> str | None:
+        """The external_id an earlier run linked `anonymous_id` to."""
+        row = self._db.execute(
+            "SELECT external_id FROM links WHERE anonymous_id=?", (anonymous_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def is_known(self, user: str) -> bool:
+        """Whether Braze acknowledged anything for `user` (its profile exists)."""
+        return self.user_attributes(user) is not None
+
+    def record_links(self, links: Iterable[tuple[str, str, str]]) -> None:
+        """(anonymous_id, external_id, time) rows, in one transaction; a link already
+        recorded keeps."""
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", links)
+
+    def add_merges(self, merges: Iterable[tuple[str, str]]) -> None:
+        """(merge_from, keep) pairs to send once; one already recorded keeps."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO merges (merge_from, keep) VALUES (?, ?)", merges
+            )
+
+    def pending_merges(self) -> list[tuple[str, str]]:
+        """Merges not yet acknowledged, both of whose profiles Braze acknowledged."""
+        rows = self._db.execute(
+            "SELECT merge_from, keep FROM merges WHERE NOT done ORDER BY merge_from"
+        ).fetchall()
+        return [(gone, keep) for gone, keep in rows if self.is_known(gone) and self.is_known(keep)]
+
+    def is_aliased(self, external_id: str) -> bool:
+        """Whether the user holds a segment_anonymous_id alias (an identify was sent)."""
+        row = self._db.execute(
+            "SELECT 1 FROM aliased WHERE external_id=?", (external_id,)
+        ).fetchone()
+        return row is not None
+
+    def merges_done(self, merges: Iterable[tuple[str, str]], aliased: Iterable[str]) -> None:
+        with self._transaction():
+            self._db.executemany("UPDATE merges SET done=1 WHERE merge_from=? AND keep=?", merges)
+            self._db.executemany(
+                "INSERT OR IGNORE INTO aliased VALUES (?)", ((user,) for user in aliased)
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def report(self, runs: int = 10) -> dict:
         """What `segreplay status` shows: counts, partly done files, the options files
@@ -383,7 +458,7 @@ class State:
 
     def reset(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
-        for table in ("users", "delivered", "files", "runs"):
+        for table in ("users", "delivered", "files", "runs", "links", "merges", "aliased"):
             self._db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         self._db.execute("COMMIT")
         self._users.clear()

@@ -88,6 +88,7 @@ class ScheduledSink:
 
     error = None
     budget_waits = 0
+    unsent = 0
 
     def __init__(self, schedule=lambda waiting: waiting, window=None, fail_after=None):
         self._schedule = schedule

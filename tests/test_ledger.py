@@ -38,7 +38,8 @@ class World:
         for record in records:
             self.line += 1
             chunk.append((self.line, 100, map_call(record, OPTIONS)))
-        self.ledger.decide_chunk(self.file, chunk)
+        for _ in self.ledger.decide_chunk(self.file, chunk):
+            pass
         return self.batcher.take_sealed()
 
     def flush(self):

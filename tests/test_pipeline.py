@@ -18,7 +18,7 @@ from segreplay.errors import DeliveryError
 from segreplay.mapping import SkipReason
 from segreplay.pipeline import CHUNK_LINES, run_import
 from segreplay.reporting import Change, SilentReporter
-from segreplay.state import State
+from segreplay.state import SCHEMA_VERSION, State
 
 T1, T2, T3 = "2024-03-01T00:00:00.000Z", "2024-03-02T00:00:00.000Z", "2024-03-03T00:00:00.000Z"
 
@@ -313,7 +313,7 @@ def test_state_file_is_private_and_versioned(tmp_path, archive):
     path = tmp_path / "state.sqlite"
     assert os.stat(path).st_mode & 0o777 == 0o600
     state = State(str(path))
-    assert state.schema_version == 3 and state.counts()["delivered_messages"] == 1
+    assert state.schema_version == SCHEMA_VERSION and state.counts()["delivered_messages"] == 1
     state.close()
 
 
@@ -355,7 +355,7 @@ def test_a_version_1_state_is_migrated_and_keeps_its_checkpoints(tmp_path, archi
     summary, bodies = replay(tmp_path, [path])
     assert bodies == [] and summary.files_already_done == 1
     state = State(str(db_path))
-    assert state.schema_version == 3
+    assert state.schema_version == SCHEMA_VERSION
     state.close()
 
 

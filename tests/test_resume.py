@@ -151,7 +151,12 @@ class Replay:
         finally:
             process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=10) == -signal.SIGKILL
-        time.sleep(0.05)  # bytes already on the wire reach the fake after the process died
+        # Bytes already on the wire reach the fake after the process died: every one is
+        # read once the fake has seen its connections close.
+        deadline = time.monotonic() + 10
+        while self.fake.open_connections():
+            assert time.monotonic() < deadline, "a dead client's connection stayed open"
+            time.sleep(0.002)
         self.killed.append((first, self.requests_seen()))
 
     def complete(self) -> dict:

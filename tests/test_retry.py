@@ -257,9 +257,21 @@ def test_a_stopping_run_sends_nothing_more():
     policy, _, _ = _policy(stopping=stopping.is_set)
     post, sent = _scripted(OOPS)
     stopping.set()
-    with pytest.raises(Abandoned):
+    with pytest.raises(Abandoned) as abandoned:
         policy.deliver(post, b"body")
-    assert sent == []
+    assert sent == [] and abandoned.value.sent is False
+
+
+def test_a_request_abandoned_in_its_backoff_was_sent():
+    stopping = threading.Event()
+    clock = FakeClock()
+    policy = RetryPolicy(RequestBudget(10, 1.0, clock=clock, sleep=clock.sleep),
+                         sleep=lambda seconds: stopping.set(),  # the stop comes in the backoff
+                         stopping=stopping.is_set)  # fmt: skip
+    post, sent = _scripted(OOPS)
+    with pytest.raises(Abandoned) as abandoned:
+        policy.deliver(post, b"body")
+    assert sent == [b"body"] and abandoned.value.sent is True
 
 
 def _too_large_above(limit: int, refuse=lambda array, obj: False):

@@ -195,3 +195,40 @@ def test_shard_from_the_environment(tmp_path):
     summary = orjson.loads(result.stdout.splitlines()[-1])
     assert summary["lines_elsewhere"] > 0 and summary["lines"] > 0
     assert (tmp_path / "s.shard-1-of-2.sqlite").exists() is False  # a dry run writes none
+
+
+def test_anonymous_alias_is_refused_with_shards(tmp_path):
+    result = _import("samples/segment-logs", "--dry-run", "--workers", "2", "--anonymous",
+                     "alias", "--state", str(tmp_path / "s.sqlite"))  # fmt: skip
+    assert result.exit_code == 2
+    assert "--anonymous alias does not work with shards yet" in result.output
+
+
+def test_reshard_moves_users_and_keeps_facts_about_everyone_in_every_shard(tmp_path):
+    from segreplay.resharding import reshard
+    from segreplay.state import FileCheckpoint, State
+
+    base = str(tmp_path / "state.sqlite")
+    users = [f"e:user-{i}" for i in range(40)]
+    for index in range(2):
+        state = State(str(tmp_path / f"state.shard-{index}-of-2.sqlite"))
+        run = state.start_run("2026-11-30T00:00:00.000Z")
+        mine = [user for user in users if shard_of(user, 2) == index]
+        state.commit(run, {user: {"plan": ["pro", "2024-01-01T00:00:00.000Z"]} for user in mine},
+                     [index * 100 + 1], [FileCheckpoint("a.gz", 10, "f", 5 + index, index == 1)])  # fmt: skip
+        state.record_links([(f"anon-{index}", f"user-{index}", "2024-01-01T00:00:00.000Z")])
+        state.close()
+    result = reshard(base, 3)
+    assert (result.old_count, result.new_count, result.users) == (2, 3, 40)
+    for index in range(3):
+        state = State(str(tmp_path / f"state.shard-{index}-of-3.sqlite"))
+        try:
+            held = {u for u in users if state.user_attributes(u) is not None}
+            assert held == {u for u in users if shard_of(u, 3) == index}
+            assert state.counts()["delivered_messages"] == 2  # every digest, everywhere
+            assert (state.link("anon-0"), state.link("anon-1")) == ("user-0", "user-1")
+            [checkpoint] = state.checkpoints()
+            assert (checkpoint.lines_acked, checkpoint.done) == (5, False)  # the least
+        finally:
+            state.close()
+    assert not list(tmp_path.glob("state.shard-*-of-2.sqlite"))

@@ -57,8 +57,9 @@ def _fatal(status: int, message: str, errors: list | None = None) -> _Answer:
 class _App:
     """Turns one parsed HTTP request into an answer; knows nothing about sockets."""
 
-    def __init__(self, config: FakeBrazeConfig) -> None:
+    def __init__(self, config: FakeBrazeConfig, clock=time.time) -> None:
         self.config = config
+        self._clock = clock
         self.lock = threading.Lock()
         self._expected_auth = b"bearer " + config.api_key.encode()
         self._faults = _Faults(config)
@@ -97,7 +98,7 @@ class _App:
         with self.lock:
             if path.startswith("/_fake/"):
                 return self._admin(method, path, query)
-            now = time.time()
+            now = self._clock()
             seq = len(self.requests) + 1
             answer = self._api(seq, now, method, path, headers, body, too_large)
             status = None if answer.drop else answer.status

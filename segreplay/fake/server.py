@@ -8,6 +8,7 @@ import asyncio
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -38,10 +39,14 @@ class FakeBraze:
         assert braze.stats()["accepted"]["event"] == 75
     """
 
-    def __init__(self, config: FakeBrazeConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: FakeBrazeConfig | None = None, clock=time.time,
+                 **overrides: Any) -> None:  # fmt: skip
+        """`clock` (epoch seconds) dates arrivals and drives the rate windows: tests pass
+        one they move by hand instead of waiting for a window to pass."""
         config = config or FakeBrazeConfig()
         self.config = replace(config, **overrides) if overrides else config
-        self._app = _App(self.config)
+        self._app = _App(self.config, clock)
+        self._connections: set = set()  # open ones; changed on the fake's event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
@@ -72,7 +77,7 @@ class FakeBraze:
     async def _run(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        connections: set = set()
+        connections = self._connections
         server = await _listen(self._app, self.config.port, connections)
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
@@ -80,6 +85,11 @@ class FakeBraze:
             await self._stopped.wait()
         finally:
             _close_all(server, connections)
+
+    def open_connections(self) -> int:
+        """Connections not yet closed. After a client died, 0 means the fake has read
+        every byte it had sent."""
+        return len(self._connections)
 
     def stop(self) -> None:
         if self._thread is None:
