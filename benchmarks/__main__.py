@@ -11,6 +11,8 @@ the same run on the same archive (never absolute timings in tests).
   fake       the fake Braze alone, so it is known not to be the bottleneck
   s3         the dry run from s3:// on moto's server against local files; listing 5,000
              objects (benchmarks/objstore_bench.py)
+  workers    --workers 2 against --workers 1, dry and live; peak RSS per worker; the N
+             that fills Braze's budget, on paper (benchmarks/workers_bench.py)
 
     python -m benchmarks [--lines 1000000] [--users 50000] [--repeat 2] [--skip-live] [--skip-fake]
                          [--state-users 1000000] [--state-messages 10000000]
@@ -149,7 +151,7 @@ def live_run(common: list[str], state: Path) -> tuple[dict, float, int]:
 def start_fake() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [str(BIN / "segreplay"), "fake-braze", "--port", "0", "--api-key", _API_KEY,
-         "--rate-limit", "1000000000"],
+         "--rate", "1000000000/1"],
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -318,6 +320,9 @@ def main() -> None:
                 )
 
         resume(folder, work, common, dry_rate)
+        from benchmarks import workers_bench
+
+        workers_bench.figures(folder, work, options.repeat, options.skip_live)
         from benchmarks import objstore_bench
 
         objstore_bench.s3_dry_run(folder, work, options.repeat)

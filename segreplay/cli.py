@@ -265,9 +265,37 @@ def cli() -> None:
     help="Users never to send: one id a line, or a CSV with a userId and/or anonymousId "
     "column; - for stdin. Repeatable. See docs/privacy.md.",
 )
+@click.option(
+    "--workers",
+    "workers_text",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Shard processes on this machine, each --rate / N (auto: one per core); docs/scale.md.",
+)
+@click.option(
+    "--shard",
+    "shard_text",
+    envvar="SEGREPLAY_SHARD",
+    show_envvar=True,
+    metavar="I/N",
+    help="Run only shard I of N (I = auto: the job index of Kubernetes, AWS Batch or "
+    "Cloud Run); give it its share of --rate. docs/scale.md.",
+)
+@click.option(
+    "--state-upload-every",
+    "state_upload_every_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="With --state s3://... or gs://...: upload a snapshot of the state this often "
+    "(and at the end); a crash resends what was acknowledged since. docs/scale.md.",
+)
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
-                   suppress, **mapping_options) -> None:  # fmt: skip
+                   suppress, workers_text, shard_text, state_upload_every_s,
+                   **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
     SOURCE is a file, a directory (read recursively in sorted order), a glob, or - for
@@ -297,7 +325,6 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     objects were rejected (see the dead-letter file); 1 stopped on a fatal error (the
     same command resumes); 2 usage error; 130 / 143 stopped by SIGINT / SIGTERM.
     """
-    from segreplay.pipeline import run_import
     from segreplay.progress import ConsoleReporter
     from segreplay.stopping import StopNow, StopRequest
 
@@ -318,26 +345,22 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             mapping=mapping,
             delivery=delivery,
             suppressed=_suppressed(suppress),
+            state_upload_every_s=state_upload_every_s,
         )
+        workers, config = _sharded(config, workers_text, shard_text)
     except SegreplayError as error:
         _fail(error)
     # With --json, standard output holds the summary object alone: `| jq` must work.
     reporter = ConsoleReporter(diff_out=sys.stderr if as_json else None)
-    sink = user_ops = None
     stop = StopRequest()
-    if delivery is not None:
-        from segreplay.delivery import braze_sink
-        from segreplay.userops import UserOps
-
-        sink = braze_sink(delivery)
-        # Merges (--anonymous alias) go under the user-management endpoints' own budget.
-        requests, seconds = parse_rate(DEFAULT_USER_OPS_RATE)
-        user_ops = UserOps(replace(delivery, rate_requests=requests, rate_seconds=seconds),
-                           stopping=lambda: stop.requested)  # fmt: skip
     try:
         with stop.installed():
-            summary = run_import(config, reporter, sink, stop, stop_grace_s,
-                                 user_ops=user_ops and user_ops.deliver)  # fmt: skip
+            if workers > 1:
+                from segreplay.workers import run_workers
+
+                summary = run_workers(config, workers, reporter, stop, stop_grace_s)
+            else:
+                summary = _run_one(config, reporter, stop, stop_grace_s)
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
@@ -470,6 +493,45 @@ def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_r
         )
         _exit_now(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
+
+
+def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float):
+    """One process's import: its sink for /users/track and, for merges (--anonymous
+    alias), the user-management endpoints under their own budget."""
+    from segreplay.pipeline import run_import
+
+    if config.delivery is None:
+        return run_import(config, reporter, None, stop, stop_grace_s)
+    from segreplay.delivery import braze_sink
+    from segreplay.userops import UserOps
+
+    requests, seconds = parse_rate(DEFAULT_USER_OPS_RATE)
+    user_ops = UserOps(replace(config.delivery, rate_requests=requests, rate_seconds=seconds),
+                       stopping=lambda: stop.requested)  # fmt: skip
+    try:
+        return run_import(config, reporter, braze_sink(config.delivery), stop, stop_grace_s,
+                          user_ops=user_ops.deliver)  # fmt: skip
+    finally:
+        user_ops.close()
+
+
+def _sharded(config: RunConfig, workers_text: str, shard_text: str | None):
+    """(worker processes, config): `--shard I/N` makes `config` one shard's; `--workers`
+    leaves sharding to run_workers. Either checks that the state is kept in N shards."""
+    from segreplay.sharding import check_shard_count, parse_shard, parse_workers, shard_config
+
+    workers = parse_workers(workers_text)
+    if shard_text:
+        if workers > 1:
+            raise UsageError(
+                "--shard and --workers do not go together",
+                "run one shard per process with --shard, or N of them with --workers",
+            )
+        shard = parse_shard(shard_text)
+        check_shard_count(config.state_path, shard.count)
+        return 1, shard_config(config, shard)
+    check_shard_count(config.state_path, workers)
+    return workers, config
 
 
 @cli.command("inspect")
@@ -660,6 +722,42 @@ def reset_command(state_path: str, yes: bool) -> None:
     except SegreplayError as error:
         _fail(error)
     click.echo(f"{state_path}: reset; the next import starts from scratch")
+
+
+@cli.command("reshard")
+@click.option(
+    "--shards",
+    "count",
+    required=True,
+    type=click.IntRange(1, 1024),
+    help="The number of shards to keep the state in (1: one file).",
+)
+@_state_option
+def reshard_command(count: int, state_path: str) -> None:
+    """Redistribute a sharded state to M shards, offline, before a run with --workers M
+    or --shard I/M.
+
+    Users move to their new shard; delivered messageIds are copied into every new
+    shard; a file's checkpoint is kept at the least progress of the old shards (or
+    dropped, to be read again, where they disagree). Nothing is sent twice afterwards.
+    Refused while any shard is in use.
+
+    \b
+    Example: from --workers 2 to --workers 3
+      segreplay reshard --shards 3 --state segreplay-state.sqlite
+    """
+    from segreplay.resharding import reshard
+
+    try:
+        result = reshard(state_path, count)
+    except SegreplayError as error:
+        _fail(error)
+    click.echo(
+        f"{state_path}: {result.old_count} shards -> {result.new_count}: {result.users:,} "
+        f"users, {result.digests:,} delivered messageIds in each shard, "
+        f"{result.files_kept:,} file checkpoints kept, {result.files_dropped:,} files to "
+        "read again"
+    )
 
 
 def _exit_now(status: int) -> None:

@@ -106,6 +106,11 @@ class RunConfig:
     mapping: MappingOptions = field(default_factory=MappingOptions)
     delivery: DeliveryOptions | None = None  # None only for a dry run
     suppressed: frozenset[str] = frozenset()  # --suppress: user keys never to send
+    # (index, count): decide only the lines of this shard's users (sharding.py); None
+    # for the whole archive. `state_path` is then the shard's own file.
+    shard: tuple[int, int] | None = None
+    # --state s3://...: how often the work copy is uploaded (bucket_state.py)
+    state_upload_every_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_choice("--batch-limit", self.batch_limit, BATCH_LIMITS)

@@ -34,13 +34,16 @@ class BrazeSink:
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared_pause=None,
     ) -> None:
         self._concurrency = options.concurrency
         # Waits (backoff, the rate budget) end early when the run stops, so no worker
         # keeps the process alive after a stop. Tests inject a sleep that records.
         self._stopping = threading.Event()
         sleep = sleep or self._wait_unless_stopped
-        self.budget = RequestBudget(options.rate_requests, options.rate_seconds, clock, sleep)
+        self.budget = RequestBudget(
+            options.rate_requests, options.rate_seconds, clock, sleep, shared_pause
+        )
         self._notices: deque[RetryNotice] = deque()
         self._policy = RetryPolicy(
             self.budget,
@@ -130,7 +133,8 @@ def braze_sink(
     sleep: Callable[[float], None] | None = None,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
+    shared_pause=None,
 ) -> BrazeSink:
     """Delivery to Braze with these options; tests inject the transport, sleep, random
-    source and clock."""
-    return BrazeSink(options, transport, sleep, rng, clock)
+    source and clock. `shared_pause`: see RequestBudget (`--workers` shares a 429)."""
+    return BrazeSink(options, transport, sleep, rng, clock, shared_pause)

@@ -159,7 +159,7 @@ def map_call(record: dict, options: MappingOptions, line_bytes: int = 0,
         if mode == "none" or (mode == "named" and not _nonblank(record.get("name"))):
             return Skipped(SkipReason.PAGE if kind == "page" else SkipReason.SCREEN)
 
-    identity = _identity(record, options, links)
+    identity = resolve_identity(record, options, links)
     if type(identity) is not tuple:
         return identity
     user, identifier, resolved_from = identity
@@ -217,8 +217,11 @@ def alias_identifier(anonymous_id: str) -> dict:
     return {"user_alias": {"alias_name": anonymous_id, "alias_label": ALIAS_LABEL}}
 
 
-def _identity(record: dict, options: MappingOptions, links) -> tuple[str, dict, str] | Mapped:
-    """(state key, Braze identifier, the anonymousId it was resolved from or "")."""
+def resolve_identity(record: dict, options: MappingOptions,
+                     links=None) -> tuple[str, dict, str] | Mapped:  # fmt: skip
+    """(state key, Braze identifier, the anonymousId it was resolved from or ""), or why
+    the line has no user. Sharding (sharding.py) keys lines by the same rules, so a shard
+    owns a user exactly when mapping would name that user."""
     external_id = external_id_of(record)
     if type(external_id) is Rejected:
         return external_id

@@ -13,16 +13,18 @@ from collections import deque
 from contextlib import ExitStack
 
 from segreplay.batching import Batch, Batcher
+from segreplay.bucket_state import BucketState, duplicate_bound, is_bucket_path
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
 from segreplay.identity import Link, Links, scan
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
 from segreplay.merging import Post, dry_post, plan_merges, send_merges
 from segreplay.privacy import Forgotten
-from segreplay.reading import Invalid, invalid_record, mapped_lines
+from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
 from segreplay.runfiles import check_folder, now, open_state
 from segreplay.settling import Settler
+from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
 from segreplay.state import ResumePoint, State
@@ -51,13 +53,20 @@ def run_import(
     archives = discover(config.sources)
     check_folder("--output", config.output_path)
     check_folder("--dead-letter", config.dead_letter_path)
-    if not config.dry_run:
+    if not config.dry_run and not is_bucket_path(config.state_path):
         check_folder("--state", config.state_path)
     summary = Summary(dry_run=config.dry_run, files=len(archives))
     with ExitStack() as stack:
         sink = sink or DrySink()
         stack.callback(sink.close)
-        state = open_state(config.state_path, config.dry_run, stack)
+        state, bucket = _open_state(config, stack)
+        if bucket is not None and not config.dry_run:
+            delivery = config.delivery
+            reporter.notice(duplicate_bound(
+                config.state_path, config.state_upload_every_s,
+                delivery.rate_requests if delivery else None,
+                delivery.rate_seconds if delivery else None,
+            ))  # fmt: skip
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
@@ -66,7 +75,8 @@ def run_import(
         try:
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
                              stop or StopRequest(), stop_grace_s, chunk_lines,
-                             user_ops or dry_post)  # fmt: skip
+                             user_ops or dry_post,
+                             bucket if not config.dry_run else None)  # fmt: skip
             replay.run(archives)
             status = "interrupted" if summary.interrupted else "finished"
         except BaseException as error:
@@ -86,7 +96,7 @@ class _Replay:
     def __init__(self, config: RunConfig, state: State, run_id: int, summary: Summary,
                  reporter: Reporter, dead_letter: DeadLetter, sink: Sink, output,
                  stop: StopRequest, stop_grace_s: float, chunk_lines: int,
-                 user_ops: Post) -> None:  # fmt: skip
+                 user_ops: Post, bucket: BucketState | None = None) -> None:  # fmt: skip
         self._config = config
         self._state = state
         self._summary = summary
@@ -96,7 +106,11 @@ class _Replay:
         self._stop = stop
         self._stop_grace_s = stop_grace_s
         self._chunk_lines = chunk_lines
+        self._bucket = bucket  # state kept in a bucket: uploaded between chunks when due
         self._batcher = Batcher(config.batch_limit)
+        self._shard = Shard(*config.shard) if config.shard else None
+        # Whole-file problems name no user: shard 0 reports them, so each is said once.
+        self._reports_files = self._shard is None or self._shard.index == 0
         self._ledger = Ledger(state, run_id, config.mapping, self._batcher, summary)
         self._settler = Settler(self._ledger, summary, dead_letter, reporter, output,
                                 state if config.diff else None)  # fmt: skip
@@ -190,19 +204,29 @@ class _Replay:
         chunk: list = []
         add = chunk.append
         forgotten = self._forgotten
-        lines = mapped_lines(reader, self._config.mapping, point.skip, self._links)
+        # Lines another shard owns are settled here without an entry of their own: the
+        # next entry moves the file's progress past them, or one entry for the last.
+        elsewhere = 0
+        passed_over = None  # the last line read, when another shard owns it
+        lines = mapped_lines(reader, self._config.mapping, point.skip, self._links, self._shard)
         for number, raw, record, mapped in lines:
+            kind = type(mapped)
+            if kind is Elsewhere:
+                elsewhere += 1
+                passed_over = number
+                continue
             if len(chunk) >= self._chunk_lines:
-                self._decide(progress, chunk)
+                self._decide(progress, chunk, elsewhere)
                 if self._halted():
                     return  # the rest of the file is read again by the next run
                 chunk = []
                 add = chunk.append
+                elsewhere = 0
+            passed_over = None
             if forgotten is not None and (reason := forgotten.reason_for(mapped, record)):
                 summary.skip(reason)  # deleted or suppressed: nothing of theirs goes anywhere
                 add((number, 0, None))
                 continue
-            kind = type(mapped)
             if kind is Call:
                 if mapped.resolved_from:
                     summary.anonymous_resolved += 1
@@ -220,16 +244,20 @@ class _Replay:
                 summary.invalid += 1
                 dead_letter.write(path, number, "invalid", mapped.reason, invalid_record(raw))
             add((number, 0, None))
-        self._decide(progress, chunk)
+        if passed_over is not None:  # the file's last lines are another shard's
+            add((passed_over, 0, None))
+        self._decide(progress, chunk, elsewhere, passed_over is not None)
         if self._halted():
             return
         self._bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = self._bytes_before
         self._ledger.close_file(progress)
 
-    def _decide(self, progress, chunk: list) -> None:
-        """Decide a chunk of lines; between slices of it, send what sealed."""
-        self._summary.lines += len(chunk)
+    def _decide(self, progress, chunk: list, elsewhere: int, passed_over: bool = False) -> None:
+        """Decide a chunk of lines; between slices of it, send what sealed.
+        `passed_over`: the last entry only marks the file's last line as settled."""
+        self._summary.lines += len(chunk) - passed_over
+        self._summary.lines_elsewhere += elsewhere
         for _ in self._ledger.decide_chunk(progress, chunk):
             self._send()
         self._settle(self._sink.answers(0))
@@ -290,6 +318,8 @@ class _Replay:
         self._settler.settle(answers)
 
     def _report_progress(self, final: bool = False) -> None:
+        if self._bucket is not None and self._bucket.due():
+            self._bucket.upload()
         self._summary.budget_waits = self._sink.budget_waits
         reader = self._reader
         done = (
@@ -300,6 +330,8 @@ class _Replay:
         self._reporter.progress(self._summary, done, self._bytes_total)
 
     def _on_problem(self, problem: ReadProblem) -> None:
+        if not self._reports_files:
+            return
         summary = self._summary
         if problem.skipped_file:
             summary.files_skipped += 1
@@ -322,3 +354,15 @@ class _Replay:
         for rejection in call.rejected_objects:
             summary.rejected += 1
             self._dead_letter.write(path, number, "rejected", rejection.reason, record)
+
+
+def _open_state(config: RunConfig, stack: ExitStack) -> tuple[State, BucketState | None]:
+    """The state a run works on (runfiles.open_state), and the bucket it is kept in, if
+    any: downloaded first, uploaded last (bucket_state.py)."""
+    path = config.state_path
+    bucket = None
+    if is_bucket_path(path):
+        bucket = BucketState(path, config.state_upload_every_s)
+        path = bucket.open(lease=not config.dry_run)
+        stack.callback(bucket.close, upload=not config.dry_run)  # after the state closes
+    return open_state(path, config.dry_run, stack), bucket

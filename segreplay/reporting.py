@@ -33,6 +33,7 @@ class Summary:
     """The run's counts; `to_dict` gives the --json object (cli.md names the keys)."""
 
     lines: int = 0
+    lines_elsewhere: int = 0  # read, but another shard's (--workers, --shard)
     skips: Counter = field(default_factory=Counter)  # SkipReason -> lines
     duplicates: int = 0
     invalid: int = 0

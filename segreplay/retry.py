@@ -37,7 +37,11 @@ class RequestBudget:
     """At most `limit` requests in any `window_s` seconds (a sliding log), a shared pause
     after a 429, and a slow-down when Braze says the window is nearly spent."""
 
-    def __init__(self, limit: int, window_s: float, clock=time.monotonic, sleep=time.sleep):
+    def __init__(self, limit: int, window_s: float, clock=time.monotonic, sleep=time.sleep,
+                 shared_pause=None):  # fmt: skip
+        """`shared_pause`, a multiprocessing.Value('d') of `clock` time, makes a pause
+        every process's: the workers of one machine (`--workers`) share a 429. Only with
+        time.monotonic, which Linux keeps system-wide (CLOCK_MONOTONIC)."""
         self._limit = limit
         self._window_s = window_s
         self._clock = clock
@@ -45,11 +49,16 @@ class RequestBudget:
         self._sent: deque[float] = deque()
         self._lock = threading.Lock()
         self._paused_until = 0.0
+        self._shared_pause = shared_pause
         self.waits = 0
 
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+            shared = self._shared_pause
+            if shared is not None:
+                with shared.get_lock():
+                    shared.value = max(shared.value, self._paused_until)
 
     def observe(self, verdict: Verdict, reserve: int) -> None:
         """Slow down before Braze has to say no: when fewer than `reserve` requests are
@@ -65,7 +74,10 @@ class RequestBudget:
                 now = self._clock()
                 while self._sent and now - self._sent[0] >= self._window_s:
                     self._sent.popleft()
-                wait_s = self._paused_until - now
+                paused_until = self._paused_until
+                if self._shared_pause is not None:
+                    paused_until = max(paused_until, self._shared_pause.value)
+                wait_s = paused_until - now
                 if wait_s <= 0 and len(self._sent) >= self._limit:
                     wait_s = self._sent[0] + self._window_s - now
                 if wait_s <= 0:
