@@ -61,6 +61,34 @@ print(f"what it holds, profile by profile ({len(profiles['profiles'])}): {out}/p
 print(f"request bodies: {out}/requests.jsonl; rejected lines: {out}/dead-letter.jsonl")
 PY
 
+echo
+echo "== anonymous history on the person it turned out to be (--anonymous alias)"
+identity=$root/samples/identity-logs
+identity_run() {
+  "$py" -m segreplay import "$1" --anonymous alias --state "$out/identity.sqlite" \
+      --dead-letter "$out/identity-dead-letter.jsonl" --json 2> /dev/null
+}
+identity_run "$identity/web/1709596800000" > "$out/identity-day-1.json"
+identity_run "$identity" > "$out/identity-day-2.json"
+"$py" - "$url" "$out" <<'PY'
+import json
+import sys
+import urllib.request
+
+url, out = sys.argv[1:]
+day1 = json.load(open(f"{out}/identity-day-1.json"))
+day2 = json.load(open(f"{out}/identity-day-2.json"))
+with urllib.request.urlopen(f"{url}/_fake/profiles") as answer:
+    profiles = json.load(answer)["profiles"]
+ada = next(p for p in profiles if p.get("external_id") == "usr_demo_ada")
+print(f"day 1: anonymous visitors only: {day1['aliases_created']} alias-only profiles created")
+print(
+    f"day 2: one visitor signs up, then logs in on a second device: "
+    f"{day2['merges_sent']} profiles merged into usr_demo_ada (/users/identify, /users/merge)"
+)
+print(f"usr_demo_ada now holds {len(ada['events'])} events, from both devices")
+PY
+
 cat <<TEXT
 
 The demo stops its fake Braze as it ends. To browse one, start it and replay into it:

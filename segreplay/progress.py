@@ -29,6 +29,8 @@ _ROWS = [
     ("filtered", skipped_label("filtered"), True),
     ("skipped_deleted", "skipped: deleted users", True),
     ("skipped_suppressed", "skipped: suppressed users (--suppress)", True),
+    ("anonymous_resolved", "anonymous lines sent as their userId", True),
+    ("identity_conflicts", "identity conflicts (anonymousId on two users)", True),
     ("duplicates", "duplicates (messageId already sent)", False),
     ("invalid", "invalid lines", False),
     ("rejected", "rejected lines and objects", False),
@@ -43,6 +45,8 @@ _ROWS = [
     ("events_sent", "events sent", False),
     ("purchases_sent", "purchases sent", False),
     ("data_points", "data points", False),
+    ("aliases_created", "alias-only profiles created", True),
+    ("merges_sent", "profiles merged (identify and merge)", True),
     ("retries", "retries", True),
     ("rate_limited", "429 answers (waited out)", True),
     ("budget_waits", "waits for the --rate budget", True),
@@ -95,6 +99,7 @@ class ConsoleReporter:
         self._last_plain = self._started
         self._bar = None
         self._diff: dict[str, _UserDiff] = {}  # in the order users first changed
+        self._merges: list[str] = []  # profiles joined, after every user's changes
 
     # Reporter --------------------------------------------------------------------------
 
@@ -129,6 +134,9 @@ class ConsoleReporter:
 
     def changes(self, changes: list[Change]) -> None:
         for change in changes:
+            if change.what == "merge":  # `key`'s profile joins `user`'s: anon-1 -> usr_42
+                self._merges.append(f"{change.key[2:]} -> {change.user[2:]} ({change.new})")
+                continue
             user = self._diff.get(change.user)
             if user is None:
                 user = self._diff[change.user] = _UserDiff()
@@ -140,6 +148,7 @@ class ConsoleReporter:
                     seen[2] = change.new
             elif change.what == "event":
                 user.added.append(f"+ event {change.key!r} at {change.new['time']}")
+
             else:
                 obj = change.new
                 user.added.append(
@@ -162,6 +171,9 @@ class ConsoleReporter:
                     out.write(f"{name}  ~ {key}: {old_text} -> {new}\n")
             for line in user.added:
                 out.write(f"{name}  {line}\n")
+        for line in self._merges:
+            out.write(f"{line}\n")
+        self._merges = []
         out.flush()
 
     # the rest --------------------------------------------------------------------------

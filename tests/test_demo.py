@@ -30,5 +30,11 @@ def test_the_demo_labels_its_units_and_says_how_to_browse_the_fake(tmp_path):
     assert (
         "  then open http://127.0.0.1:4011/_fake/profiles (also /_fake/stats and /_fake/accepted)"
     ) in lines
+    assert "day 1: anonymous visitors only: 3 alias-only profiles created" in lines
+    assert (
+        "day 2: one visitor signs up, then logs in on a second device: "
+        "2 profiles merged into usr_demo_ada (/users/identify, /users/merge)"
+    ) in lines
+    assert "usr_demo_ada now holds 7 events, from both devices" in lines
     profiles = json.loads((tmp_path / "out" / "demo" / "profiles.json").read_text())
     assert len(profiles["profiles"]) == 41

@@ -689,15 +689,6 @@ def test_merge_folds_one_user_into_another(braze, client):
             [
                 {
                     "identifier_to_merge": {"external_id": "a"},
-                    "identifier_to_keep": {"user_alias": {"alias_name": "n", "alias_label": "l"}},
-                }
-            ],
-            "identifiers must be objects of the same type",
-        ),
-        (
-            [
-                {
-                    "identifier_to_merge": {"external_id": "a"},
                     "identifier_to_keep": {"external_id": "b"},
                 }
             ]
@@ -805,3 +796,21 @@ def test_serve_prints_its_address_and_stops_on_sigterm():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_merge_joins_an_alias_profile_into_a_known_user(shared):
+    """identity.md: a visitor's second device joins its user with /users/merge, the alias
+    to merge and the external_id to keep (Braze's page allows either identifier)."""
+    alias = {"alias_name": "phone-1", "alias_label": "segment_anonymous_id"}
+    with _client(shared) as client:
+        client.post("/users/track", json={
+            "attributes": [{"user_alias": alias, "_update_existing_only": False}],
+            "events": [{"user_alias": alias, "name": "App Opened", "time": "2024-03-05T10:00:00Z"}],
+        })  # fmt: skip
+        client.post("/users/track", json={"attributes": [{"external_id": "ada", "plan": "free"}]})
+        response = client.post("/users/merge", json={"merge_updates": [
+            {"identifier_to_merge": {"user_alias": alias}, "identifier_to_keep": {"external_id": "ada"}}
+        ]})  # fmt: skip
+    assert response.status_code == 202
+    assert [e["name"] for e in shared.profile("ada")["events"]] == ["App Opened"]
+    assert shared.profile(user_alias=alias) is None

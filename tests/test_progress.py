@@ -122,3 +122,18 @@ def test_settled_bytes_are_what_was_read_until_a_request_is_sent() -> None:
     assert settled_bytes(Summary(), 500) == 500
     assert settled_bytes(Summary(requests=4, requests_acknowledged=4), 500) == 500
     assert settled_bytes(Summary(requests=4, requests_acknowledged=1), 500) == 125
+
+
+def test_the_diff_lists_merges_after_every_users_changes() -> None:
+    reporter, diff = _reporter()
+    reporter.changes([
+        Change("e:usr_42", "merge", "a:anon-123", new="identify"),
+        Change("e:usr_42", "merge", "a:anon-456", new="merge"),
+        Change("e:usr_42", "attribute", "plan", None, "pro", False),
+    ])  # fmt: skip
+    reporter.finish()
+    assert diff.getvalue() == (
+        'usr_42  + plan: "pro"\n'
+        "anon-123 -> usr_42 (identify)\n"
+        "anon-456 -> usr_42 (merge)\n"
+    )

@@ -317,8 +317,8 @@ class _App:
                     "identifiers must be objects with an 'external_id' property that is a "
                     "string, or 'user_alias' property that is an object",
                 )
-            if gone[0] != keep[0]:
-                return _fatal(400, "identifiers must be objects of the same type")
+            # Either may be an external_id or a user_alias (Braze's page): an anonymous
+            # visitor's second device joins its user by merge, alias into external_id.
             pairs.append((gone, keep, update))
         self.store.add_merge(seq, pairs)
         self._accepted["merge"] += len(pairs)
