@@ -261,6 +261,11 @@ def print_survey(survey, out: TextIO | None = None) -> None:
         ("rejected lines", f"{report['rejected']:,}"),
         ("users", f"{report['users']:,}"),
         ("anonymous lines", f"{report['anonymous']:,} ({report['anonymous_share']:.1%})"),
+        (
+            "  of visitors the archive links to a user",
+            f"{report['anonymous_resolvable']:,} lines of {report['visitors_linked']:,} visitors",
+        ),
+        ("  visitors who stay anonymous", f"{report['visitors_anonymous']:,}"),
         ("duplicate messageIds", f"{report['duplicate_message_ids']:,}"),
         ("event time range", f"{first} .. {last}" if first else "none: no line would be sent"),
         ("data points without dedupe", f"{report['data_points_without_dedupe']:,}"),

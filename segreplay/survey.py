@@ -12,7 +12,15 @@ from dataclasses import dataclass, field, replace
 from segreplay.config import RunConfig
 from segreplay.dedupe import message_digest
 from segreplay.jsonutil import dumps_canonical
-from segreplay.mapping import UNMAPPED_ADDRESS_KEYS, Call, Rejected, Skipped, SkipReason
+from segreplay.mapping import (
+    UNMAPPED_ADDRESS_KEYS,
+    Call,
+    Rejected,
+    Skipped,
+    SkipReason,
+    anonymous_id_of,
+    external_id_of,
+)
 from segreplay.pipeline import run_import
 from segreplay.reading import Invalid, mapped_lines
 from segreplay.reporting import Reporter
@@ -28,6 +36,9 @@ class Survey:
     invalid: int = 0
     rejected: int = 0
     anonymous: int = 0
+    anonymous_resolvable: int = 0  # anonymous lines whose anonymousId the archive links
+    visitors_linked: int = 0  # anonymousIds of anonymous lines the archive links to a user
+    visitors_anonymous: int = 0  # ... and those it never links: alias-only profiles
     skipped: Counter = field(default_factory=Counter)  # Summary counter -> lines the options skip
     by_type: Counter = field(default_factory=Counter)
     event_names: Counter = field(default_factory=Counter)
@@ -53,6 +64,9 @@ class Survey:
             "rejected": self.rejected,
             "anonymous": self.anonymous,
             "anonymous_share": round(self.anonymous / self.lines, 4) if self.lines else 0.0,
+            "anonymous_resolvable": self.anonymous_resolvable,
+            "visitors_linked": self.visitors_linked,
+            "visitors_anonymous": self.visitors_anonymous,
             "by_type": dict(self.by_type.most_common()),
             "skipped": dict(self.skipped.most_common()),
             "event_names": dict(self.event_names.most_common()),
@@ -81,6 +95,8 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
     users: set[str] = set()
     seen_messages: set[int] = set()
     last_values: dict[tuple[str, str], bytes] = {}
+    anonymous_lines: Counter = Counter()  # anonymousId -> lines without a userId
+    linked: set[str] = set()  # anonymousIds (and alias previousIds) linked to a userId
 
     def on_problem(problem: ReadProblem) -> None:
         if problem.skipped_file:
@@ -106,6 +122,7 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
                     result.duplicate_message_ids += 1
                 seen_messages.add(digest)
             _count_unmapped(result, record)
+            _count_identity(record, anonymous_lines, linked)
             if type(mapped) is Rejected:
                 result.rejected += 1
                 result.problems[mapped.reason] += 1
@@ -117,6 +134,12 @@ def survey(config: RunConfig, reporter: Reporter) -> Survey:
                 continue
             _count_call(result, mapped, record, users, last_values)
     result.users = len(users)
+    for anonymous_id, count in anonymous_lines.items():
+        if anonymous_id in linked:
+            result.visitors_linked += 1
+            result.anonymous_resolvable += count
+        else:
+            result.visitors_anonymous += 1
     result.data_points_with_dedupe = _deduplicated_data_points(config, reporter)
     return result
 
@@ -147,6 +170,24 @@ def _count_call(result: Survey, call: Call, record: dict, users: set, last_value
         if previous is not None and previous != encoded:
             result.trait_changes[key] += 1
         last_values[(call.user, key)] = encoded
+
+
+def _count_identity(record: dict, anonymous_lines: Counter, linked: set) -> None:
+    """What identity resolution (--anonymous alias) would find: see identity.scan."""
+    external_id = external_id_of(record)
+    known = bool(external_id) and type(external_id) is not Rejected
+    if record.get("type") == "alias":
+        previous = anonymous_id_of(record, "previousId")
+        if previous and known:
+            linked.add(previous)
+        return
+    anonymous_id = anonymous_id_of(record)
+    if not anonymous_id:
+        return
+    if known:
+        linked.add(anonymous_id)
+    elif external_id == "":
+        anonymous_lines[anonymous_id] += 1
 
 
 def _count_unmapped(result: Survey, record: dict) -> None:

@@ -345,3 +345,13 @@ def test_a_host_that_does_not_resolve_is_said_at_each_try_and_fatal_after_the_se
     assert lines[0].startswith(f"warning: Braze: attempt 1 of 2 failed ({cause}")
     assert re.fullmatch(r".*\); next in \d\.\d s", lines[0])
     assert lines[1].startswith(f"error: Braze did not take a request after 2 attempts ({cause}")
+
+
+def test_inspect_says_how_much_anonymous_history_resolves(run):
+    sample = Path(__file__).resolve().parent.parent / "samples" / "identity-logs"
+    result = run("inspect", str(sample), "--json")
+    report = orjson.loads(result.stdout)
+    # 9 anonymous lines: 6 from two visitors the archive later links to usr_demo_ada (a
+    # laptop and a phone), 3 from one who never signs up.
+    assert (report["anonymous"], report["anonymous_resolvable"]) == (9, 6)
+    assert (report["visitors_linked"], report["visitors_anonymous"]) == (2, 1)
