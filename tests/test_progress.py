@@ -133,7 +133,5 @@ def test_the_diff_lists_merges_after_every_users_changes() -> None:
     ])  # fmt: skip
     reporter.finish()
     assert diff.getvalue() == (
-        'usr_42  + plan: "pro"\n'
-        "anon-123 -> usr_42 (identify)\n"
-        "anon-456 -> usr_42 (merge)\n"
+        'usr_42  + plan: "pro"\nanon-123 -> usr_42 (identify)\nanon-456 -> usr_42 (merge)\n'
     )
