@@ -3,7 +3,9 @@ the same run on the same archive (never absolute timings in tests).
 
   floor      the archive read, decompressed and every line parsed with orjson, bare loop
   ceiling    the floor plus the least a dry run must do for events (benchmarks/ceiling.py)
-  dry run    `segreplay import --dry-run` (its own process: lines/s and peak RSS)
+  dry run    `segreplay import --dry-run` (its own process: lines/s and peak RSS), with
+             --anonymous alias; against the default --anonymous skip, the identity
+             resolution pass's cost (r)
   live       `segreplay import` into the fake Braze, which runs in its own process
   resume     lines already acknowledged, skipped on resume, against processing them
   big state  the dry run against a state of 1M users and 10M messageIds, against an
@@ -267,7 +269,7 @@ def main() -> None:
         common = [str(folder), "--dead-letter", str(work / "dead.jsonl"), "--anonymous", "alias"]
         # The machine is shared: each figure is the best of `--repeat` runs, taken in turn
         # with the others, so a busy minute does not land on one side of a ratio only.
-        floor_s = ceiling_s = dry_s = live_s = float("inf")
+        floor_s = ceiling_s = dry_s = live_s = skip_s = float("inf")
         dry_rss = live_rss = 0
         for attempt in range(options.repeat):
             lines, seconds = floor(folder)
@@ -278,6 +280,12 @@ def main() -> None:
                  "--output", str(work / "requests.jsonl")]
             )  # fmt: skip
             dry_s, dry_rss = min(dry_s, seconds), max(dry_rss, rss)
+            # The default (--anonymous skip): no resolution pass, anonymous lines skipped.
+            skipped, seconds, _ = run_measured(
+                ["import", str(folder), "--dead-letter", str(work / "dead.jsonl"), "--dry-run",
+                 "--state", str(work / f"skip-{attempt}.sqlite")]
+            )  # fmt: skip
+            skip_s = min(skip_s, seconds)
             if not options.skip_live:
                 live, seconds, rss = live_run(common, work / f"live-{attempt}.sqlite")
                 live_s, live_rss = min(live_s, seconds), max(live_rss, rss)
@@ -297,6 +305,11 @@ def main() -> None:
             f"(d) dry run peak RSS                      {dry_rss / 2**20:>12,.0f} MB  (target < 200)"
         )
         print(f"    requests {summary['requests']:,}, data points {summary['data_points']:,}")
+        skip_rate = skipped["lines"] / skip_s
+        print(f"(r) dry run, default --anonymous skip     {skip_rate:>12,.0f} lines/s")
+        print(
+            f"(r) --anonymous alias / skip              {dry_rate / skip_rate:>12.2f}  (target >= 0.8: resolution stays cheap)"
+        )
 
         if not options.skip_live:
             live_rate = live["lines"] / live_s

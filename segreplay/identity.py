@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from segreplay.jsonutil import JSONDecodeError, loads
 from segreplay.mapping import Rejected, anonymous_id_of, event_time, external_id_of
 from segreplay.source import LineReader
+from segreplay.times import parse_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,24 +44,53 @@ class Links:
     def __init__(self, recorded: Callable[[str], str | None]) -> None:
         self._recorded = functools.lru_cache(maxsize=100_000)(recorded)
         self._known: dict[str, str] = {}  # decided in this run
-        self._candidates: dict[str, list[Link]] = {}  # found, in reading order
-        self._ignored: Callable[[Link], bool] = lambda link: False
+        # anonymousId -> (external_id, time as written, path, line) of its earliest line;
+        # a dict of those by external_id once a second one turns up (a conflict).
+        self._found: dict[str, tuple | dict[str, tuple]] = {}
+        self._ignored: Callable[[str, str], bool] = lambda anonymous_id, external_id: False
 
-    def ignore(self, ignored: Callable[[Link], bool]) -> None:
-        """Links to pass over (those naming a deleted or suppressed person)."""
+    def ignore(self, ignored: Callable[[str, str], bool]) -> None:
+        """Links to pass over, by (anonymous_id, external_id): those naming a deleted or
+        suppressed person."""
         self._ignored = ignored
 
-    def observe(self, link: Link) -> None:
-        if link.anonymous_id == link.external_id or self._ignored(link):
+    def observe(self, anonymous_id: str, external_id: str, time: str, path: str,
+                line: int) -> None:  # fmt: skip
+        """One line's link. `time` as the line wrote it: most lines repeat a link already
+        seen, so times are compared as written here and parsed once per link in
+        `settle`."""
+        if anonymous_id == external_id:
             return  # an alias call that renames nobody, or a userId copied to both fields
-        self._candidates.setdefault(link.anonymous_id, []).append(link)
+        found = self._found.get(anonymous_id)
+        if found is None:
+            self._found[anonymous_id] = (external_id, time, path, line)
+            return
+        if type(found) is tuple:
+            if found[0] == external_id:
+                if time < found[1]:
+                    self._found[anonymous_id] = (external_id, time, path, line)
+                return
+            found = self._found[anonymous_id] = {found[0]: found}
+        seen = found.get(external_id)
+        if seen is None or time < seen[1]:
+            found[external_id] = (external_id, time, path, line)
 
     def settle(self) -> tuple[list[Link], list[Conflict]]:
-        """Decide the new links: (links to record, conflicts to report). A conflict with a
-        link an earlier run recorded is reported too; the earlier link keeps."""
+        """Decide the new links: (links to record, conflicts to report, one for each other
+        user an anonymousId was linked to). A link an earlier run recorded keeps."""
         new: list[Link] = []
         conflicts: list[Conflict] = []
-        for anonymous_id, candidates in self._candidates.items():
+        ignored = self._ignored
+        for anonymous_id, found in self._found.items():
+            candidates = [
+                Link(anonymous_id, external_id, parse_time(time) or time, path, line)
+                for external_id, time, path, line in (
+                    (found,) if type(found) is tuple else found.values()
+                )
+                if not ignored(anonymous_id, external_id)
+            ]
+            if not candidates:
+                continue
             kept = self.get(anonymous_id)
             if kept is None:
                 winner = min(candidates, key=lambda link: link.time)  # stable: first read
@@ -68,7 +98,7 @@ class Links:
                 new.append(winner)
             conflicts += [Conflict(link, kept) for link in candidates if link.external_id != kept]
         self._known.update((link.anonymous_id, link.external_id) for link in new)
-        self._candidates = {}
+        self._found = {}
         return new, conflicts
 
     def get(self, anonymous_id: str) -> str | None:
@@ -78,9 +108,12 @@ class Links:
 
 def scan(reader: LineReader, skip: int, links: Links) -> None:
     """Add the links in the file's lines after the first `skip` to `links`. Cheap: a line
-    that cannot hold two ids is not parsed, and nothing is mapped."""
+    that cannot hold a userId and another id is not parsed, and nothing is mapped."""
     path = reader.archive.path
+    observe = links.observe
     for number, raw in reader.lines(skip):
+        if b'"userId":null' in raw or b"userId" not in raw:
+            continue  # Segment writes compact JSON: an anonymous line links nothing
         if b"nonymousId" not in raw and b"previousId" not in raw:
             continue
         try:
@@ -98,6 +131,8 @@ def scan(reader: LineReader, skip: int, links: Links) -> None:
         external_id = external_id_of(record)
         if not external_id or type(external_id) is Rejected:
             continue
-        time = event_time(record)
-        if time is not None:
-            links.observe(Link(other, external_id, time, path, number))
+        time = record.get("timestamp")
+        if type(time) is not str or not time:
+            time = event_time(record)
+        if time:
+            observe(other, external_id, time, path, number)

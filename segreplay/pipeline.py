@@ -162,9 +162,8 @@ class _Replay:
         forgotten = self._forgotten
         if forgotten is not None:  # nothing of a deleted or suppressed person is linked
             links.ignore(
-                lambda link: bool(
-                    forgotten.reason("e:" + link.external_id)
-                    or forgotten.reason("a:" + link.anonymous_id)
+                lambda anonymous_id, external_id: bool(
+                    forgotten.reason("e:" + external_id) or forgotten.reason("a:" + anonymous_id)
                 )
             )
         for archive, point in points:
