@@ -22,8 +22,6 @@ from segreplay.fake.config import (
     MAX_EXTERNAL_ID_BYTES,
     MAX_IDS,
     MAX_OBJECTS,
-    USER_OPS_RATE_LIMIT,
-    USER_OPS_RATE_WINDOW_S,
     FakeBrazeConfig,
     RateLimitReset,
     RequestRecord,
@@ -75,7 +73,9 @@ class _App:
 
     def clear(self) -> None:
         self._track_window = _FixedWindow(self.config.rate_limit, self.config.rate_window_s)
-        self._user_ops_window = _FixedWindow(USER_OPS_RATE_LIMIT, USER_OPS_RATE_WINDOW_S)
+        self._user_ops_window = _FixedWindow(
+            self.config.user_ops_rate_limit, self.config.user_ops_rate_window_s
+        )
         self.store.clear()
         self.requests: list[RequestRecord] = []
         self.resets: list[RateLimitReset] = []
@@ -317,8 +317,6 @@ class _App:
                     "identifiers must be objects with an 'external_id' property that is a "
                     "string, or 'user_alias' property that is an object",
                 )
-            if gone[0] != keep[0]:
-                return _fatal(400, "identifiers must be objects of the same type")
             pairs.append((gone, keep, update))
         self.store.add_merge(seq, pairs)
         self._accepted["merge"] += len(pairs)
