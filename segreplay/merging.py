@@ -71,7 +71,9 @@ def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
     merges = []
     identified: set[str] = set()
     for gone, keep in pending:
-        identify = gone.startswith("a:") and keep not in identified and not state.is_aliased(keep)
+        identify = (
+            gone.startswith("a:") and keep not in identified and not state.is_aliased(keep[2:])
+        )
         if identify:
             identified.add(keep)
         merges.append(_Merge(gone, keep, identify))
