@@ -19,6 +19,7 @@ from segreplay.mapping import ALIAS_LABEL
 from segreplay.merging import IDENTIFY_PATH, MERGE_PATH
 from segreplay.pipeline import run_import
 from segreplay.reporting import SilentReporter, Summary
+from segreplay.retry import Delivered
 from segreplay.userops import UserOps
 
 KEY = "identity-test-key"
@@ -134,3 +135,21 @@ def test_a_third_device_in_a_later_run_is_merged_not_identified(replays):
     assert replays.paths().count(IDENTIFY_PATH) == 1
     assert replays.paths().count(MERGE_PATH) == 1
     replays.assert_final({"user-1": ["Phone Browse", "Tablet Browse", "Subscribed"]})
+
+
+def test_a_refused_merge_is_dead_lettered_and_not_retried(replays, fake):
+    """A merge Braze refuses (400) is final: counted, written down, and not sent again."""
+    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.run()
+    replays.add_file([_identify("user-1", "anon-a", T2)])
+
+    def refuse_identify(path: str, body: bytes, permission: str) -> Delivered:
+        from segreplay.sink import Refusal
+
+        return Delivered(bodies=[body], refusals=[Refusal(None, None, "simulated 400")])
+
+    summary = replays.run(user_ops=refuse_identify)
+    assert (summary.merges_sent, summary.rejected) == (0, 1)
+    (letter,) = replays.dead_letters()
+    assert (letter["source"], letter["reason"]) == (IDENTIFY_PATH, "simulated 400")
+    assert replays.run().merges_sent == 0
