@@ -31,6 +31,7 @@ from segreplay.errors import SegreplayError, UsageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 FAKE_RATE = "3000/3"  # Braze's default /users/track limit
+FAKE_USER_OPS_RATE = "20000/60"  # Braze's shared limit of the user-management endpoints
 
 
 def _fail(error: SegreplayError) -> None:
@@ -610,6 +611,13 @@ def inspect_command(sources, as_json, **mapping_options) -> None:
     help="/users/track requests allowed per window; beyond them, 429.",
 )
 @click.option(
+    "--user-ops-rate",
+    default=FAKE_USER_OPS_RATE,
+    show_default=True,
+    metavar="N/SECONDS",
+    help="/users/delete, /users/identify and /users/merge requests allowed together.",
+)
+@click.option(
     "--reset-style",
     type=click.Choice(["epoch", "seconds"]),
     default="epoch",
@@ -629,7 +637,7 @@ def inspect_command(sources, as_json, **mapping_options) -> None:
 )
 @click.option("--latency-ms", default=0.0, help="Delay before each answer.")
 @click.option("--seed", default=0, help="Seed for the fault draws.")
-def fake_braze_command(rate: str, **options) -> None:
+def fake_braze_command(rate: str, user_ops_rate: str, **options) -> None:
     """A local stand-in for Braze's REST API, for rehearsals and tests.
 
     \b
@@ -643,6 +651,8 @@ def fake_braze_command(rate: str, **options) -> None:
 
     try:
         options["rate_limit"], options["rate_window_s"] = parse_rate(rate)
+        requests, seconds = parse_rate(user_ops_rate, "--user-ops-rate")
+        options["user_ops_rate_limit"], options["user_ops_rate_window_s"] = requests, seconds
         config = FakeBrazeConfig(**options)
     except SegreplayError as error:
         _fail(error)

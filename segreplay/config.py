@@ -149,11 +149,11 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def parse_rate(text: str) -> tuple[int, float]:
+def parse_rate(text: str, option: str = "--rate") -> tuple[int, float]:
     """`1500/3` -> (1500, 3.0): N requests per SECONDS."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", text)
     if not match or int(match[1]) < 1 or float(match[2]) <= 0:
-        raise UsageError(f"--rate must look like N/SECONDS, e.g. {DEFAULT_RATE}, not {text!r}")
+        raise UsageError(f"{option} must look like N/SECONDS, e.g. {DEFAULT_RATE}, not {text!r}")
     return int(match[1]), float(match[2])
 
 

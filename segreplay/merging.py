@@ -93,8 +93,10 @@ def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
             for index in sorted(refused):
                 summary.rejected += 1
                 dead_letter.write(path, 0, "refused by Braze", refused[index], items[index])
+            # A refused merge is settled too: dead-lettered once, as a refused /users/track
+            # object is, rather than sent (and counted) again by every later run.
             state.merges_done(
-                ((merge.gone, merge.keep) for merge in done),
+                ((merge.gone, merge.keep) for merge in part),
                 (merge.keep[2:] for merge in done if merge.identify),
             )
             summary.merges_sent += len(done)

@@ -646,6 +646,100 @@ def test_identify_unknown_external_id_identifies_the_alias_profile(braze, client
     assert client.post("/users/identify", json={"aliases_to_identify": too_many}).status_code == 400
 
 
+def test_identify_keeps_one_alias_a_label(braze, client):
+    """Braze: a user holding an alias of the label already is not combined with another
+    alias-only profile of that label (a second device): both stay as they were."""
+    phone = {"alias_name": "anon-phone", "alias_label": "segment_anonymous_id"}
+    laptop = {"alias_name": "anon-laptop", "alias_label": "segment_anonymous_id"}
+    _alias_profile(client, phone)
+    _alias_profile(client, laptop)
+    client.post("/users/track", json={"events": [_event("u1")]})
+    for alias in (phone, laptop):
+        response = client.post(
+            "/users/identify",
+            json={"aliases_to_identify": [{"external_id": "u1", "user_alias": alias}],
+                  "merge_behavior": "merge"},
+        )  # fmt: skip
+        assert response.json() == {"message": "success", "aliases_processed": 1}
+    user = braze.profile("u1")
+    assert user["user_aliases"] == [phone]
+    assert [e["name"] for e in user["events"]] == ["Order Completed", "anon_event"]
+    left = braze.profile(user_alias=laptop)
+    assert left["external_id"] is None and len(left["events"]) == 1
+    # Another label is another matter.
+    other = {"alias_name": "crm-7", "alias_label": "crm_id"}
+    _alias_profile(client, other)
+    client.post("/users/identify", json={
+        "aliases_to_identify": [{"external_id": "u1", "user_alias": other}],
+        "merge_behavior": "merge",
+    })  # fmt: skip
+    assert braze.profile(user_alias=other)["external_id"] == "u1"
+    assert len(braze.profiles()) == 2
+
+
+def test_identify_without_an_alias_only_profile_changes_nothing(braze, client):
+    alias = {"alias_name": "anon-3", "alias_label": "segment_anonymous_id"}
+    client.post("/users/track", json={"events": [_event("u1")]})
+    item = {"external_id": "u1", "user_alias": alias}
+    nobody = {"external_id": "nobody", "user_alias": alias}
+    response = client.post("/users/identify", json={"aliases_to_identify": [item, nobody]})
+    assert response.json() == {"message": "success", "aliases_processed": 2}  # syntax only
+    assert braze.profile(user_alias=alias) is None
+    assert braze.profile("nobody") is None
+    assert braze.profile("u1")["user_aliases"] == []
+    # An alias already identified belongs to its user: it is not moved to another.
+    _alias_profile(client, alias)
+    client.post("/users/identify", json={"aliases_to_identify": [item]})
+    client.post("/users/identify", json={"aliases_to_identify": [nobody]})
+    assert braze.profile(user_alias=alias)["external_id"] == "u1"
+    assert braze.profile("nobody") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "'aliases_to_identify' must be a non-empty array"),
+        ({"aliases_to_identify": []}, "'aliases_to_identify' must be a non-empty array"),
+        (
+            {"aliases_to_identify": [{"external_id": "u1"}]},
+            "No valid aliases to identify",
+        ),
+        (
+            {"aliases_to_identify": [{"external_id": "u1", "user_alias": {"alias_name": "n",
+             "alias_label": "l"}}], "merge_behavior": "all"},
+            "'merge_behavior' must be 'none' or 'merge'",
+        ),
+    ],
+)  # fmt: skip
+def test_identify_refuses_bad_bodies(shared, body, message):
+    with _client(shared) as client:
+        response = client.post("/users/identify", json=body)
+    assert response.status_code == 400
+    assert response.json()["message"] == message
+
+
+def test_user_ops_endpoints_share_one_budget():
+    clock = ManualClock()
+    with FakeBraze(api_key=KEY, user_ops_rate_limit=3, user_ops_rate_window_s=60.0,
+                   clock=clock) as braze, _client(braze) as client:  # fmt: skip
+        alias = {"alias_name": "n", "alias_label": "l"}
+        merge = {"identifier_to_merge": {"external_id": "a"},
+                 "identifier_to_keep": {"external_id": "b"}}  # fmt: skip
+        answers = [
+            client.post("/users/delete", json={"external_ids": ["a"]}),
+            client.post("/users/identify", json={
+                "aliases_to_identify": [{"external_id": "a", "user_alias": alias}]}),
+            client.post("/users/merge", json={"merge_updates": [merge]}),
+            client.post("/users/identify", json={
+                "aliases_to_identify": [{"external_id": "a", "user_alias": alias}]}),
+        ]  # fmt: skip
+        assert [a.status_code for a in answers] == [201, 201, 202, 429]
+        assert [a.headers["X-RateLimit-Limit"] for a in answers] == ["3"] * 4
+        assert client.post("/users/track", json={"events": [_event()]}).status_code == 201
+        clock.now += 60
+        assert client.post("/users/merge", json={"merge_updates": [merge]}).status_code == 202
+
+
 def test_merge_folds_one_user_into_another(braze, client):
     client.post(
         "/users/track",
@@ -669,6 +763,24 @@ def test_merge_folds_one_user_into_another(braze, client):
     assert kept["attributes"] == {"a": "cur", "b": "old"}
     assert len(kept["events"]) == 2
     assert braze.accepted("merge") == [update]
+
+
+def test_merge_folds_an_alias_profile_into_a_user(braze, client):
+    # Braze's page once asked for identifiers of one type; it now names external_id,
+    # user_alias, email and phone for either side (a second device's alias profile).
+    alias = {"alias_name": "anon-2", "alias_label": "segment_anonymous_id"}
+    _alias_profile(client, alias)
+    client.post("/users/track", json={"events": [_event("u1")]})
+    update = {"identifier_to_merge": {"user_alias": alias},
+              "identifier_to_keep": {"external_id": "u1"}}  # fmt: skip
+    response = client.post("/users/merge", json={"merge_updates": [update]})
+    assert response.status_code == 202
+    kept = braze.profile("u1")
+    assert [e["name"] for e in kept["events"]] == ["Order Completed", "anon_event"]
+    assert kept["attributes"] == {"anon": 1}
+    assert kept["user_aliases"] == []  # the merged profile is deleted, its alias with it
+    assert braze.profile(user_alias=alias) is None
+    assert len(braze.profiles()) == 1
 
 
 @pytest.mark.parametrize(

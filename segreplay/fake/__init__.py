@@ -6,10 +6,16 @@ Endpoints (all POST, `Authorization: Bearer <key>`, JSON body with Content-Lengt
   /users/track     attributes/events/purchases, 75-object limit, 4 MB body limit
   /users/delete    one of "external_ids", "user_aliases", "braze_ids", at most 50 ids;
                    answers 201 {"deleted": n, "message": "success"} (n: profiles found)
-  /users/identify  {"aliases_to_identify": [...], "merge_behavior": "none"|"merge"}, at most 50
-  /users/merge     {"merge_updates": [...]}, at most 50, answers 202
+  /users/identify  {"aliases_to_identify": [...], "merge_behavior": "none"|"merge"}, at most 50;
+                   an alias-only profile joins the user with that external_id (or takes
+                   it, when there is none); nothing happens when there is no alias-only
+                   profile or the user already holds an alias of that label (one a label);
+                   "none" leaves the alias profile's data behind, "merge" carries it over
+  /users/merge     {"merge_updates": [...]}, at most 50, answers 202; identifiers by
+                   external_id or user_alias, in any pairing; unknown users are skipped
 Their answers carry X-RateLimit-Limit/-Remaining/-Reset; /users/track allows a fixed window
-of `rate_limit` requests per `rate_window_s` seconds and answers 429 beyond it.
+of `rate_limit` requests per `rate_window_s` seconds and answers 429 beyond it; the other
+three share one window of `user_ops_rate_limit` per `user_ops_rate_window_s` (20,000 a minute).
 
 Admin endpoints, no key needed (GET unless noted), for tests and scripts in other processes:
   /_fake/stats               counters only (cheap): requests, connections, by_status,

@@ -22,8 +22,6 @@ from segreplay.fake.config import (
     MAX_EXTERNAL_ID_BYTES,
     MAX_IDS,
     MAX_OBJECTS,
-    USER_OPS_RATE_LIMIT,
-    USER_OPS_RATE_WINDOW_S,
     FakeBrazeConfig,
     RateLimitReset,
     RequestRecord,
@@ -75,7 +73,9 @@ class _App:
 
     def clear(self) -> None:
         self._track_window = _FixedWindow(self.config.rate_limit, self.config.rate_window_s)
-        self._user_ops_window = _FixedWindow(USER_OPS_RATE_LIMIT, USER_OPS_RATE_WINDOW_S)
+        self._user_ops_window = _FixedWindow(
+            self.config.user_ops_rate_limit, self.config.user_ops_rate_window_s
+        )
         self.store.clear()
         self.requests: list[RequestRecord] = []
         self.resets: list[RateLimitReset] = []

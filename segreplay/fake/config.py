@@ -26,13 +26,17 @@ _ARRAYS = (("attributes", "attribute"), ("events", "event"), ("purchases", "purc
 @dataclass(frozen=True)
 class FakeBrazeConfig:
     """Flags of `segreplay fake-braze` map onto these fields (`--rate-429` -> rate_429;
-    `--rate N/SECONDS` -> rate_limit, rate_window_s)."""
+    `--rate N/SECONDS` -> rate_limit, rate_window_s; `--user-ops-rate N/SECONDS` ->
+    user_ops_rate_limit, user_ops_rate_window_s)."""
 
     api_key: str = field(default="fake-key", repr=False)
     port: int = 0
     batch_limit: str = "combined"
     rate_limit: int = 3000
     rate_window_s: float = 3.0
+    # /users/delete, /users/identify and /users/merge share one budget (--user-ops-rate)
+    user_ops_rate_limit: int = USER_OPS_RATE_LIMIT
+    user_ops_rate_window_s: float = USER_OPS_RATE_WINDOW_S
     reset_style: str = "epoch"
     rate_429: float = 0.0
     rate_5xx: float = 0.0
@@ -54,6 +58,8 @@ class FakeBrazeConfig:
             raise ValueError(f"reset_style must be one of {RESET_STYLES}")
         if self.rate_limit < 1 or self.rate_window_s <= 0:
             raise ValueError("rate_limit must be >= 1 and rate_window_s > 0")
+        if self.user_ops_rate_limit < 1 or self.user_ops_rate_window_s <= 0:
+            raise ValueError("user_ops_rate_limit must be >= 1 and user_ops_rate_window_s > 0")
         if self.latency_ms < 0:
             raise ValueError("latency_ms must be >= 0")
         rates = self.fault_rates()

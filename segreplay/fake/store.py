@@ -238,21 +238,19 @@ class _Store:
 
     def _replay_identify(self, items: list[tuple[tuple, tuple, dict]], merge: bool) -> None:
         for external_key, alias_key, _ in items:
-            identified = self._index.get(external_key)
             alias_profile = self._index.get(alias_key)
-            if identified is None and alias_profile is not None:
+            if alias_profile is None or alias_profile.external_id is not None:
+                continue  # Braze identifies alias-only profiles; with none, nothing happens
+            identified = self._index.get(external_key)
+            if identified is None:
+                # No such user: the external_id is added to the alias-only profile.
                 alias_profile.external_id = external_key[1]
                 self._index[external_key] = alias_profile
-                continue
-            if identified is None:
-                identified = self._new_profile()
-                identified.external_id = external_key[1]
-                self._index[external_key] = identified
-            if alias_profile is None:
-                identified.aliases.append(alias_key[1:])
-                self._index[alias_key] = identified
-            elif alias_profile is not identified:
-                # Braze's default ("none") orphans the alias profile's data; "merge" keeps it.
+            elif any(label == alias_key[1] for label, _ in identified.aliases):
+                continue  # one alias a label: Braze leaves both profiles as they are
+            else:
+                # "none" (Braze's default before August 2023) orphans the alias-only
+                # profile's attributes, events and purchases; "merge" carries them over.
                 self._fold(identified, alias_profile, with_data=merge, move_aliases=True)
 
     def _replay_merge(self, pairs: list[tuple[tuple, tuple, dict]]) -> None:
