@@ -251,6 +251,14 @@ def cli() -> None:
     help="Requests in flight at once.",
 )
 @click.option(
+    "--user-ops-rate",
+    default=DEFAULT_USER_OPS_RATE,
+    show_default=True,
+    metavar="N/SECONDS",
+    help="Budget of /users/identify and /users/merge (--anonymous alias merges); Braze "
+    "shares 20,000 a minute between them and /users/delete.",
+)
+@click.option(
     "--stop-grace",
     "stop_grace_s",
     default=DEFAULT_STOP_GRACE_S,
@@ -295,7 +303,7 @@ def cli() -> None:
 )
 def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output_path,
                    dead_letter_path, as_json, batch_limit, rate, concurrency, stop_grace_s,
-                   suppress, workers_text, shard_text, state_upload_every_s,
+                   user_ops_rate, suppress, workers_text, shard_text, state_upload_every_s,
                    **mapping_options) -> None:  # fmt: skip
     """Replay SOURCE... into Braze's /users/track.
 
@@ -332,6 +340,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     try:
         mapping = _mapping(mapping_options)
         parse_rate(rate)  # a wrong --rate is an error in a dry run too
+        user_ops_budget = parse_rate(user_ops_rate, "--user-ops-rate")
         delivery = None
         if not (dry_run or diff):  # --diff without --dry-run: RunConfig says what is wrong
             delivery = _delivery(endpoint, api_key, rate, concurrency)
@@ -361,7 +370,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
 
                 summary = run_workers(config, workers, reporter, stop, stop_grace_s)
             else:
-                summary = _run_one(config, reporter, stop, stop_grace_s)
+                summary = _run_one(config, reporter, stop, stop_grace_s, user_ops_budget)
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
@@ -496,7 +505,8 @@ def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_r
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
 
 
-def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float):
+def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float,
+             user_ops_budget: tuple[int, float]):  # fmt: skip
     """One process's import: its sink for /users/track and, for merges (--anonymous
     alias), the user-management endpoints under their own budget."""
     from segreplay.pipeline import run_import
@@ -506,7 +516,7 @@ def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float):
     from segreplay.delivery import braze_sink
     from segreplay.userops import UserOps
 
-    requests, seconds = parse_rate(DEFAULT_USER_OPS_RATE)
+    requests, seconds = user_ops_budget
     user_ops = UserOps(replace(config.delivery, rate_requests=requests, rate_seconds=seconds),
                        stopping=lambda: stop.requested)  # fmt: skip
     try:

@@ -355,3 +355,10 @@ def test_inspect_says_how_much_anonymous_history_resolves(run):
     # laptop and a phone), 3 from one who never signs up.
     assert (report["anonymous"], report["anonymous_resolvable"]) == (9, 6)
     assert (report["visitors_linked"], report["visitors_anonymous"]) == (2, 1)
+
+
+def test_a_bad_user_ops_rate_is_a_usage_error(run, archive):
+    path = archive([track("A")])
+    result = run("import", str(path), "--dry-run", "--user-ops-rate", "fast")
+    assert result.exit_code == 2
+    assert "--user-ops-rate must look like N/SECONDS, e.g. 1500/3, not 'fast'" in result.stderr
