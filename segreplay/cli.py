@@ -550,7 +550,7 @@ def _sharded(config: RunConfig, workers_text: str, shard_text: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_mapping_options
 def inspect_command(sources, as_json, **mapping_options) -> None:
-    """Tell what a replay of SOURCE... would do, without state or network.
+    """Tell what a replay of SOURCE... would do, without state or a request to Braze.
 
     Lines by type, event names, users, anonymous share, duplicate messageIds, time
     range, what the options skip (and the option that keeps it), trait keys and how
