@@ -167,6 +167,8 @@ class _Replay:
                 )
             )
         for archive, point in points:
+            if self._halted():
+                break  # stopped: what was found is recorded, the replay does not start
             if not point.done:
                 scan(LineReader(archive, lambda problem: None), point.skip, links)
         new, conflicts = links.settle()
