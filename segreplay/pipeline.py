@@ -261,6 +261,8 @@ class _Replay:
         self._summary.lines_elsewhere += elsewhere
         for _ in self._ledger.decide_chunk(progress, chunk):
             self._send()
+            if self._halted():
+                break  # the lines not decided yet are read again by the next run
         self._settle(self._sink.answers(0))
         self._report_progress()
 
@@ -270,6 +272,11 @@ class _Replay:
         end, until every batch is sent), so deciding and sending overlap."""
         queue = self._queue
         queue.extend(self._batcher.take_sealed())
+        if self._halted():
+            # Never sent: their lines stay unacknowledged. Nothing after them may go
+            # either, or a user's later update would overtake an earlier one.
+            queue.clear()
+            return
         sink = self._sink
         while queue:
             batch = queue[0]
@@ -282,7 +289,7 @@ class _Replay:
                     self._report_progress()
                 self._settle(answers)
                 if self._halted():
-                    queue.clear()  # never sent: their lines stay unacknowledged
+                    queue.clear()  # as above
                     return
                 continue
             sink.submit(queue.popleft())

@@ -367,8 +367,8 @@ def test_a_stop_records_what_was_in_flight_and_the_resume_sends_each_object_once
     signum, archive, tmp_path
 ):
     log = tmp_path / "fake-braze.jsonl"
-    # Slow answers: at the stop, requests are on the wire, answers seconds away.
-    with FakeBraze(api_key=KEY, log_path=str(log), latency_ms=400) as fake:
+    # Slow answers: at the stop, requests are on the wire, their answers still to come.
+    with FakeBraze(api_key=KEY, log_path=str(log), latency_ms=150) as fake:
         replay = Replay(fake, archive.logs, tmp_path)
         code, stderr = _stopped_run(replay, [signum], after_requests=6)
         assert code == 128 + signum
@@ -385,6 +385,8 @@ def test_a_stop_records_what_was_in_flight_and_the_resume_sends_each_object_once
         assert run["summary"]["requests"] == summary["requests"]
         assert run["summary"]["events_sent"] == summary["events_sent"] > 0
 
+        # The same command resumes; more requests in flight only make the slow fake quicker.
+        replay.argv[replay.argv.index("--concurrency") + 1] = "16"
         replay.complete()
         assert _assert_delivered(replay, log, archive) == 0  # no kill: no duplicate allowed
         _assert_all_done(replay, archive)
