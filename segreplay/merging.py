@@ -63,9 +63,15 @@ def plan_merges(state: State, new_links: Iterable[Link]) -> None:
 
 
 def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
-                dead_letter: DeadLetter, output, diff: bool) -> None:  # fmt: skip
-    """Send every pending merge whose profiles Braze acknowledged; record each answer."""
-    pending = state.pending_merges()
+                dead_letter: DeadLetter, output, diff: bool,
+                forgotten: Callable[[str], object] = lambda user: None) -> None:  # fmt: skip
+    """Send every pending merge whose profiles Braze acknowledged; record each answer.
+    A merge naming a user `forgotten` says so of (--suppress) waits: it is not sent."""
+    pending = [
+        (gone, keep)
+        for gone, keep in state.pending_merges()
+        if not (forgotten(gone) or forgotten(keep))
+    ]
     if not pending:
         return
     merges = []

@@ -150,8 +150,10 @@ class _Replay:
             raise self._sink.error
         if self._links is not None and not self._halted():
             plan_merges(self._state, new_links)  # users this run created may need one too
+            forgotten = self._forgotten.reason if self._forgotten is not None else None
             send_merges(self._state, self._user_ops, self._summary, self._reporter,
-                        self._dead_letter, self._output, self._config.diff)  # fmt: skip
+                        self._dead_letter, self._output, self._config.diff,
+                        forgotten or (lambda user: None))  # fmt: skip
         self._report_progress(final=not self._halted())
         self._summary.interrupted = self._stop.requested
 

@@ -64,7 +64,7 @@ class Replays:
         self._files += 1
         return write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
 
-    def run(self, user_ops=None, dry_run: bool = False) -> Summary:
+    def run(self, user_ops=None, dry_run: bool = False, suppressed=frozenset()) -> Summary:
         options = DeliveryOptions(endpoint=self.fake.url, api_key=KEY)
         config = RunConfig(
             sources=(str(self.logs),),
@@ -74,6 +74,7 @@ class Replays:
             dead_letter_path=str(self.work / "dead-letter.jsonl"),
             mapping=MappingOptions(anonymous="alias"),
             delivery=options,
+            suppressed=frozenset(suppressed),
         )
         ops = UserOps(options)
         try:
@@ -421,3 +422,19 @@ def test_cli_cron_runs_merge_once(replays, fake, tmp_path):
     assert _cli(fake, tmp_path)["merges_sent"] == 0
     assert replays.where() == {"user-1": ["Paid", "Viewed Home"]}
     assert fake.not_applied() == 0
+
+
+def test_a_pending_merge_naming_a_suppressed_user_waits(replays):
+    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.run()
+    replays.add_file([_identify("user-1", "anon-a", T2)])
+
+    def crash(path, body, permission):
+        raise RuntimeError("the machine went away before the merge")
+
+    with pytest.raises(RuntimeError):
+        replays.run(user_ops=crash)  # the merge is now pending in the state
+    assert replays.run(suppressed={"e:user-1"}).merges_sent == 0
+    assert IDENTIFY_PATH not in replays.paths()
+    assert replays.run().merges_sent == 1  # no longer suppressed: it goes, once
+    assert replays.paths().count(IDENTIFY_PATH) == 1
