@@ -5,6 +5,7 @@ The CLI builds these from options; library callers build them directly.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -111,6 +112,16 @@ class RunConfig:
     shard: tuple[int, int] | None = None
     # --state s3://...: how often the work copy is uploaded (bucket_state.py)
     state_upload_every_s: float = 300.0
+
+    def decides_lines(self) -> str:
+        """MappingOptions.decides_lines, and the --suppress list as a digest (the ids are
+        never written to the state): a file read while someone was suppressed is read
+        again once they are not, so their lines are sent then."""
+        options = self.mapping.decides_lines()
+        if not self.suppressed:
+            return options
+        listed = "\n".join(sorted(self.suppressed)).encode()
+        return f"{options} suppress={hashlib.blake2b(listed, digest_size=4).hexdigest()}"
 
     def __post_init__(self) -> None:
         _check_choice("--batch-limit", self.batch_limit, BATCH_LIMITS)

@@ -129,7 +129,7 @@ class _Replay:
 
     def run(self, archives: list[ArchiveFile]) -> None:
         self._bytes_total = sum(a.size or 0 for a in archives)
-        options = self._config.mapping.decides_lines()
+        options = self._config.decides_lines()
         points = [
             (archive, self._state.resume_point(archive.path, archive.size, archive.mtime_ns,
                                                lambda a=archive: fingerprint(a), options))

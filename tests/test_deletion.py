@@ -321,7 +321,12 @@ def test_suppressed_users_are_skipped_and_not_deleted(tmp_path, fake):
     assert b"quiet" not in (tmp_path / "sent.jsonl").read_bytes()
     state = State(str(tmp_path / "state.sqlite"))
     assert state.deleted_digests() == []  # suppression is not deletion: nothing recorded
+    assert b"quiet" not in b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite*"))
     state.close()
+    # Suppression lifted: the file is read again and what it skipped for them goes now.
+    lifted = _summary(_import(fake, tmp_path, logs))
+    assert (lifted["files_already_done"], lifted["skipped_suppressed"]) == (0, 0)
+    assert [e["name"] for e in fake.profile("quiet")["events"]] == ["Opened"]
     missing = _import(fake, tmp_path, logs, "--suppress", "nope.csv")
     assert missing.returncode == 2 and b"nope.csv: no such file" in missing.stderr
 
