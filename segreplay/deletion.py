@@ -15,9 +15,9 @@ from segreplay.jsonutil import dumps
 from segreplay.privacy import IdKind, IdList, PersonId, user_digest
 from segreplay.reporting import DeadLetter, Reporter
 from segreplay.retry import Abandoned
-from segreplay.runfiles import check_folder, now, open_state
+from segreplay.runfiles import check_folder, now, open_state, recorded_run
 from segreplay.state import State
-from segreplay.stopping import StopNow, StopRequest
+from segreplay.stopping import StopRequest
 from segreplay.userops import UserOps
 
 DELETE_PATH = "/users/delete"
@@ -120,13 +120,11 @@ def run_delete(
             summary.elapsed_s = _time.monotonic() - started
             return summary, plan
         assert config.delivery is not None
-        run_id = state.start_run(now())
-        status = "failed"
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         userops = make_userops(config.delivery, stopping=lambda: stop.requested)
         stack.callback(userops.close)
-        try:
+        with recorded_run(state, summary, started):
             # A killed run may have left acknowledged deletions not yet erased.
             summary.erased_messages += state.erase_deleted()
             try:
@@ -139,14 +137,6 @@ def run_delete(
             summary.interrupted = stop.requested
             # Also after a stop: what Braze acknowledged leaves the file now, not later.
             summary.erased_messages += state.erase_deleted()
-            status = "interrupted" if summary.interrupted else "finished"
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt | StopNow):
-                status = "interrupted"
-            raise
-        finally:
-            summary.elapsed_s = _time.monotonic() - started
-            state.finish_run(run_id, now(), status, summary.to_dict())
     return summary, plan
 
 

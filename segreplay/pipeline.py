@@ -22,13 +22,13 @@ from segreplay.merging import Post, dry_post, plan_merges, send_merges
 from segreplay.privacy import Forgotten
 from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
-from segreplay.runfiles import check_folder, now, open_state
+from segreplay.runfiles import check_folder, open_state, recorded_run
 from segreplay.settling import Settler
 from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
 from segreplay.source import ArchiveFile, LineReader, ReadProblem, discover, fingerprint
 from segreplay.state import ResumePoint, State
-from segreplay.stopping import StopNow, StopRequest
+from segreplay.stopping import StopRequest
 
 CHUNK_LINES = 2_000  # lines decided together: state is read once per chunk
 _POLL_S = 0.2  # a wait for answers looks at stop requests this often
@@ -70,23 +70,14 @@ def run_import(
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         output = stack.enter_context(open(config.output_path, "wb")) if config.output_path else None
-        run_id = state.start_run(now())
-        status = "failed"
-        try:
+        with recorded_run(state, summary, started,
+                          lambda run_id: setattr(summary, "users", state.users_in_run(run_id))
+                          ) as run_id:  # fmt: skip
             replay = _Replay(config, state, run_id, summary, reporter, dead_letter, sink, output,
                              stop or StopRequest(), stop_grace_s, chunk_lines,
                              user_ops or dry_post,
                              bucket if not config.dry_run else None)  # fmt: skip
             replay.run(archives)
-            status = "interrupted" if summary.interrupted else "finished"
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt | StopNow):
-                status = "interrupted"
-            raise
-        finally:
-            summary.users = state.users_in_run(run_id)
-            summary.elapsed_s = _time.monotonic() - started
-            state.finish_run(run_id, now(), status, summary.to_dict())
     return summary
 
 

@@ -1,16 +1,20 @@
-"""The files a command works on, shared by `import` and `delete`: the state (a private
-copy for a dry run), and the folders of the files it will write, checked up front."""
+"""What `import` and `delete` share about the files they work on: the state (a private
+copy for a dry run), the folders of the files they will write, checked up front, and the
+run they record in the state."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from contextlib import ExitStack
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 
 from segreplay.errors import UsageError
 from segreplay.state import State, StateLock
+from segreplay.stopping import StopNow
 from segreplay.times import format_time
 
 
@@ -47,3 +51,25 @@ def open_state(state_path: str, dry_run: bool, stack: ExitStack) -> State:
     state = State(scratch, durable=False)
     stack.callback(state.close)
     return state
+
+
+@contextmanager
+def recorded_run(
+    state: State, summary, started: float, before_finish: Callable[[int], None] = lambda i: None
+) -> Iterator[int]:
+    """A run in the state's `runs` table, `running` while the block runs (it gets the
+    run's id), then `finished`, `interrupted` (a stop or a signal) or `failed`, with the
+    summary's counts and elapsed time. `summary` has `interrupted`, `elapsed_s` and
+    `to_dict()`; `before_finish(run_id)` completes it first."""
+    run_id = state.start_run(now())
+    status = "failed"
+    try:
+        yield run_id
+        status = "interrupted" if summary.interrupted else "finished"
+    except (KeyboardInterrupt, StopNow):
+        status = "interrupted"
+        raise
+    finally:
+        before_finish(run_id)
+        summary.elapsed_s = time.monotonic() - started
+        state.finish_run(run_id, now(), status, summary.to_dict())
