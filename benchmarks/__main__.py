@@ -114,14 +114,14 @@ def delivery_alone(bodies_path: Path, requests: int = 9000) -> float:
     with the fake in its own process. Tells whether delivery or the pipeline limits (e)."""
     from segreplay.batching import Batch
     from segreplay.config import DeliveryOptions
-    from segreplay.delivery import braze_sink
+    from segreplay.delivery import BrazeSink
 
     with open(bodies_path, "rb") as file:  # the first thousands, not all 300 MB
         bodies = [line.rstrip(b"\n") for line in itertools.islice(file, requests)]
     fake, url = start_fake()
     try:
         options = DeliveryOptions(url, _API_KEY, rate_requests=3000, rate_seconds=3.0)
-        sink = braze_sink(options)
+        sink = BrazeSink(options)
         started = time.perf_counter()
         for seq, body in enumerate(bodies):
             batch = Batch(seq, body=body, count=1)

@@ -513,14 +513,14 @@ def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float,
 
     if config.delivery is None:
         return run_import(config, reporter, None, stop, stop_grace_s)
-    from segreplay.delivery import braze_sink
+    from segreplay.delivery import BrazeSink
     from segreplay.userops import UserOps
 
     requests, seconds = user_ops_budget
     user_ops = UserOps(replace(config.delivery, rate_requests=requests, rate_seconds=seconds),
                        stopping=lambda: stop.requested)  # fmt: skip
     try:
-        return run_import(config, reporter, braze_sink(config.delivery), stop, stop_grace_s,
+        return run_import(config, reporter, BrazeSink(config.delivery), stop, stop_grace_s,
                           user_ops=user_ops.deliver)  # fmt: skip
     finally:
         user_ops.close()

@@ -25,7 +25,9 @@ from segreplay.sink import Answer
 
 
 class BrazeSink:
-    """Delivers batches to Braze; see the module docstring."""
+    """Delivers batches to Braze; see the module docstring. Tests inject the transport,
+    sleep, random source and clock; `shared_pause` lets `--workers` share a 429 (see
+    RequestBudget)."""
 
     def __init__(
         self,
@@ -125,16 +127,3 @@ class BrazeSink:
         delivered = self._policy.deliver(self._post, batch.body)
         return Answer(batch, delivered.bodies, delivered.refusals, delivered.retries,
                       delivered.rate_limited)  # fmt: skip
-
-
-def braze_sink(
-    options: DeliveryOptions,
-    transport: httpx.BaseTransport | None = None,
-    sleep: Callable[[float], None] | None = None,
-    rng: random.Random | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    shared_pause=None,
-) -> BrazeSink:
-    """Delivery to Braze with these options; tests inject the transport, sleep, random
-    source and clock. `shared_pause`: see RequestBudget (`--workers` shares a 429)."""
-    return BrazeSink(options, transport, sleep, rng, clock, shared_pause)

@@ -331,9 +331,9 @@ def _worker_main(job: _Job, messages, shared_pause) -> None:
     try:
         sink = None
         if config.delivery is not None:
-            from segreplay.delivery import braze_sink
+            from segreplay.delivery import BrazeSink
 
-            sink = braze_sink(config.delivery, shared_pause=shared_pause)
+            sink = BrazeSink(config.delivery, shared_pause=shared_pause)
         with stop.installed():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             summary = run_import(config, reporter, sink, stop, job.stop_grace_s)

@@ -13,7 +13,7 @@ import pytest
 
 from segreplay.batching import Batch
 from segreplay.config import DeliveryOptions
-from segreplay.delivery import BrazeSink, braze_sink
+from segreplay.delivery import BrazeSink
 from segreplay.errors import AuthError, DeliveryError
 from segreplay.sink import Refusal
 
@@ -65,7 +65,7 @@ class Recorder:
 def _sink(handler, **options) -> tuple[BrazeSink, Recorder, list[float]]:
     recorder = Recorder(handler)
     sleeps: list[float] = []
-    sink = braze_sink(_options(**options), httpx.MockTransport(recorder), sleep=sleeps.append,
+    sink = BrazeSink(_options(**options), httpx.MockTransport(recorder), sleep=sleeps.append,
                       rng=random.Random(0))  # fmt: skip
     return sink, recorder, sleeps
 
@@ -226,7 +226,7 @@ def test_attribute_updates_of_one_user_are_never_in_flight_twice_but_events_are(
         delivery=_options(concurrency=4),
     )
     summary = run_import(
-        config, SilentReporter(), braze_sink(config.delivery, httpx.MockTransport(handler))
+        config, SilentReporter(), BrazeSink(config.delivery, httpx.MockTransport(handler))
     )
     assert summary.events_sent == 600
     assert overlaps == []

@@ -16,7 +16,7 @@ from conftest import final_attributes
 
 from samples.generate import generate
 from segreplay.config import MAX_OBJECTS_PER_REQUEST, DeliveryOptions, MappingOptions, RunConfig
-from segreplay.delivery import braze_sink
+from segreplay.delivery import BrazeSink
 from segreplay.errors import AuthError
 from segreplay.fake import FakeBraze
 from segreplay.pipeline import run_import
@@ -96,7 +96,7 @@ def _live_run(fake: FakeBraze, logs: Path, work: Path, key: str | None = None, *
         mapping=MappingOptions(anonymous="skip"),
         delivery=options,
     )
-    return run_import(config, SilentReporter(), braze_sink(options))
+    return run_import(config, SilentReporter(), BrazeSink(options))
 
 
 def _accepted(fake: FakeBraze) -> dict[str, collections.Counter]:

@@ -16,7 +16,7 @@ import pytest
 from conftest import segment, write_archive
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
-from segreplay.delivery import braze_sink
+from segreplay.delivery import BrazeSink
 from segreplay.fake import FakeBraze
 from segreplay.mapping import ALIAS_LABEL
 from segreplay.merging import IDENTIFY_PATH, MERGE_PATH
@@ -78,7 +78,7 @@ class Replays:
         )
         ops = UserOps(options)
         try:
-            return run_import(config, SilentReporter(), braze_sink(options),
+            return run_import(config, SilentReporter(), BrazeSink(options),
                               user_ops=user_ops or ops.deliver)  # fmt: skip
         finally:
             ops.close()
