@@ -340,10 +340,12 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
     try:
         mapping = _mapping(mapping_options)
         parse_rate(rate)  # a wrong --rate is an error in a dry run too
-        user_ops_budget = parse_rate(user_ops_rate, "--user-ops-rate")
-        delivery = None
+        user_ops_requests, user_ops_seconds = parse_rate(user_ops_rate, "--user-ops-rate")
+        delivery = user_ops = None
         if not (dry_run or diff):  # --diff without --dry-run: RunConfig says what is wrong
             delivery = _delivery(endpoint, api_key, rate, concurrency)
+            user_ops = replace(delivery, rate_requests=user_ops_requests,
+                               rate_seconds=user_ops_seconds, concurrency=1)  # fmt: skip
         config = RunConfig(
             sources=tuple(sources),
             state_path=state_path,
@@ -354,6 +356,7 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
             batch_limit=batch_limit,
             mapping=mapping,
             delivery=delivery,
+            user_ops=user_ops,
             suppressed=_suppressed(suppress),
             state_upload_every_s=state_upload_every_s,
         )
@@ -370,7 +373,9 @@ def import_command(sources, endpoint, api_key, state_path, dry_run, diff, output
 
                 summary = run_workers(config, workers, reporter, stop, stop_grace_s)
             else:
-                summary = _run_one(config, reporter, stop, stop_grace_s, user_ops_budget)
+                from segreplay.pipeline import replay_into_braze
+
+                summary = replay_into_braze(config, reporter, stop, stop_grace_s)
     except SegreplayError as error:
         reporter.finish()
         _fail(error)
@@ -503,27 +508,6 @@ def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_r
         )
         _exit_now(128 + stop.signum)
     sys.exit(EXIT_REJECTED if summary.had_problems else EXIT_OK)
-
-
-def _run_one(config: RunConfig, reporter, stop, stop_grace_s: float,
-             user_ops_budget: tuple[int, float]):  # fmt: skip
-    """One process's import: its sink for /users/track and, for merges (--anonymous
-    alias), the user-management endpoints under their own budget."""
-    from segreplay.pipeline import run_import
-
-    if config.delivery is None:
-        return run_import(config, reporter, None, stop, stop_grace_s)
-    from segreplay.delivery import BrazeSink
-    from segreplay.userops import UserOps
-
-    requests, seconds = user_ops_budget
-    user_ops = UserOps(replace(config.delivery, rate_requests=requests, rate_seconds=seconds),
-                       stopping=lambda: stop.requested)  # fmt: skip
-    try:
-        return run_import(config, reporter, BrazeSink(config.delivery), stop, stop_grace_s,
-                          user_ops=user_ops.deliver)  # fmt: skip
-    finally:
-        user_ops.close()
 
 
 def _sharded(config: RunConfig, workers_text: str, shard_text: str | None):

@@ -106,6 +106,8 @@ class RunConfig:
     batch_limit: str = "combined"
     mapping: MappingOptions = field(default_factory=MappingOptions)
     delivery: DeliveryOptions | None = None  # None only for a dry run
+    # /users/identify and /users/merge (--anonymous alias): their own budget, --user-ops-rate
+    user_ops: DeliveryOptions | None = None
     suppressed: frozenset[str] = frozenset()  # --suppress: user keys never to send
     # (index, count): decide only the lines of this shard's users (sharding.py); None
     # for the whole archive. `state_path` is then the shard's own file.

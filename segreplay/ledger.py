@@ -19,6 +19,7 @@ from segreplay.state import FileCheckpoint, State
 _COMMIT_EVERY_LINES = 20_000  # checkpoint even when nothing is acknowledged (all duplicates)
 DECIDE_SLICE = 200  # lines decided between two chances to send what sealed
 
+_KEEP_ORIGIN = ("(a profile to merge into)", 0)  # where a refused one says it came from
 # An object Braze refused: ("attributes", user) or (array, index).
 RefusedKey = tuple[str, object]
 
@@ -28,6 +29,7 @@ class _Pending:
     """What a batch carries for the state, written when Braze acknowledges it."""
 
     effects: dict[str, dict] = field(default_factory=dict)  # user -> {key: [value, time]}
+    keeps: list[str] = field(default_factory=list)  # profiles made for merges into them
     settled: bool = False
 
 
@@ -253,6 +255,17 @@ class Ledger:
             batch.ordered_users.add(user)
         progress.hold(pending, line)
 
+    def make_keeps(self, users: list[str]) -> None:
+        """A `{external_id}` object for each user a pending merge keeps that this state
+        holds nothing for (State.keeps_to_make): Braze then holds the profile, and once it
+        says so the merge may go. It sets no attribute, so it cannot reorder the values
+        the user's own shard sends."""
+        flags = {"_update_existing_only": True} if self._options.update_existing_only else {}
+        for user in users:
+            obj = {"external_id": user[2:], **flags}
+            batch = self._batcher.add_attributes(user, obj, _KEEP_ORIGIN, len(user))
+            self._pending.setdefault(batch, _Pending()).keeps.append(user)
+
     def _flags(self, call: Call) -> dict:
         if self._options.update_existing_only:
             return {"_update_existing_only": True}
@@ -268,8 +281,10 @@ class Ledger:
         effects: dict[str, dict] = {}
         digests: list[tuple[int, int]] = []  # (messageId digest, its user's tag)
         settled = []
+        keeps = []
         for batch, refused in acknowledged:
             pending = self._pending.pop(batch, None) or _Pending()
+            keeps += [user for user in pending.keeps if ("attributes", user) not in refused]
             for user, user_effects in pending.effects.items():
                 if ("attributes", user) not in refused:
                     effects.setdefault(user, {}).update(user_effects)
@@ -286,6 +301,8 @@ class Ledger:
             pending.settled = True
             settled.append((batch, pending))
         self.commit(effects, digests)
+        if keeps:
+            self._state.keeps_made(keeps)
         # Settled between two slices of a chunk, whose delivered digests were read before
         # these answers: without this, a repeat later in the chunk would be sent again.
         self._delivered.update(digest for digest, _tag in digests)

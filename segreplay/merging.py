@@ -64,9 +64,14 @@ def plan_merges(state: State, new_links: Iterable[Link]) -> None:
 
 def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
                 dead_letter: DeadLetter, output, diff: bool,
-                forgotten: Callable[[str], object] = lambda user: None) -> None:  # fmt: skip
+                forgotten: Callable[[str], object] = lambda user: None,
+                owns: Callable[[str], bool] = lambda user: True) -> None:  # fmt: skip
     """Send every pending merge whose profiles Braze acknowledged; record each answer.
-    A merge naming a user `forgotten` says so of (--suppress) waits: it is not sent."""
+    A merge naming a user `forgotten` says so of (--suppress) waits: it is not sent.
+
+    /users/identify only into a user this shard `owns`: Braze identifies one alias of a
+    label into a user and silently ignores the next, and only the user's own shard knows
+    whether an alias went to them before. Into another shard's user, /users/merge."""
     pending = [
         (gone, keep)
         for gone, keep in state.pending_merges()
@@ -78,7 +83,10 @@ def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
     identified: set[str] = set()
     for gone, keep in pending:
         identify = (
-            gone.startswith("a:") and keep not in identified and not state.is_aliased(keep[2:])
+            gone.startswith("a:")
+            and owns(keep)
+            and keep not in identified
+            and not state.is_aliased(keep[2:])
         )
         if identify:
             identified.add(keep)

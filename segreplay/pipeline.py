@@ -81,6 +81,28 @@ def run_import(
     return summary
 
 
+def replay_into_braze(config: RunConfig, reporter: Reporter, stop: StopRequest,
+                      stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+                      shared_pauses: tuple = (None, None)) -> Summary:  # fmt: skip
+    """`run_import` with Braze's clients built from `config` (a dry run when it has no
+    delivery options): the /users/track sink, and the user-management endpoints for
+    merges under their own budget. `shared_pauses` (`--workers`): one shared 429 pause
+    for each of the two budgets (retry.RequestBudget)."""
+    if config.delivery is None:
+        return run_import(config, reporter, None, stop, stop_grace_s)
+    from segreplay.delivery import BrazeSink
+    from segreplay.userops import UserOps
+
+    track_pause, user_ops_pause = shared_pauses
+    sink = BrazeSink(config.delivery, shared_pause=track_pause)
+    user_ops = UserOps(config.user_ops or config.delivery, stopping=lambda: stop.requested,
+                       shared_pause=user_ops_pause)  # fmt: skip
+    try:
+        return run_import(config, reporter, sink, stop, stop_grace_s, user_ops=user_ops.deliver)
+    finally:
+        user_ops.close()
+
+
 class _Replay:
     """The loop: files -> chunks of decided lines -> batches submitted -> answers settled."""
 
@@ -131,6 +153,14 @@ class _Replay:
             if self._halted():
                 break
             self._replay_file(archive, point, options)
+        self._finish_sending()
+        if self._links is not None and not self._halted():
+            self._merge(new_links)
+        self._report_progress(final=not self._halted())
+        self._summary.interrupted = self._stop.requested
+
+    def _finish_sending(self) -> None:
+        """Send what is decided (unless halted), settle every answer, commit."""
         if not self._halted():
             self._batcher.flush()
             self._send(until_empty=True)
@@ -139,14 +169,24 @@ class _Replay:
         self._ledger.commit()
         if self._sink.error is not None:
             raise self._sink.error
-        if self._links is not None and not self._halted():
-            plan_merges(self._state, new_links)  # users this run created may need one too
-            forgotten = self._forgotten.reason if self._forgotten is not None else None
-            send_merges(self._state, self._user_ops, self._summary, self._reporter,
-                        self._dead_letter, self._output, self._config.diff,
-                        forgotten or (lambda user: None))  # fmt: skip
-        self._report_progress(final=not self._halted())
-        self._summary.interrupted = self._stop.requested
+
+    def _merge(self, new_links: list[Link]) -> None:
+        """After the replay: plan the merges of profiles this run created, make the
+        profiles to keep that this shard holds nothing for, then send every merge whose
+        two profiles Braze acknowledged (identity.md; across shards: docs/scale.md)."""
+        state = self._state
+        plan_merges(state, new_links)  # users this run created may need one too
+        forgotten = self._forgotten.reason if self._forgotten is not None else (lambda user: None)
+        keeps = [user for user in state.keeps_to_make() if not forgotten(user)]
+        if keeps:
+            self._ledger.make_keeps(keeps)
+            self._finish_sending()
+            if self._halted():
+                return  # the merges wait for the next run
+        shard = self._shard
+        send_merges(state, self._user_ops, self._summary, self._reporter, self._dead_letter,
+                    self._output, self._config.diff, forgotten,
+                    shard.holds if shard is not None else (lambda user: True))  # fmt: skip
 
     def _resolve(self, points: list) -> list[Link]:
         """The first pass, with --anonymous alias: find who anonymous visitors are in the
@@ -165,7 +205,8 @@ class _Replay:
             if not point.done:
                 scan(LineReader(archive, lambda problem: None), point.skip, links)
         new, conflicts = links.settle()
-        for conflict in conflicts:
+        # Every shard finds every conflict: shard 0 reports them, so each is said once.
+        for conflict in conflicts if self._reports_files else ():
             link = conflict.link
             self._summary.identity_conflicts += 1
             self._dead_letter.write(

@@ -80,6 +80,10 @@ class Shard:
 
         return owns
 
+    def holds(self, user: str) -> bool:
+        """Whether `user` (a state key, `e:...` or `a:...`) is this shard's."""
+        return stable_hash(user) % self.count == self.index
+
     def owns_unparsed(self) -> bool:
         """Lines that are not JSON objects name no user: shard 0 reports them."""
         return self.index == 0
@@ -128,13 +132,6 @@ def shard_config(config: RunConfig, shard: Shard) -> RunConfig:
     given (`--shard`: each machine is given its share; `--workers` divides it)."""
     if shard.count == 1:
         return config
-    if config.mapping.anonymous == "alias":
-        raise UsageError(
-            "--anonymous alias does not work with shards yet",
-            "identity resolution sends merges only once both profiles are acknowledged, "
-            "and across shards that is not built yet (docs/scale.md): run --anonymous "
-            "alias in one process",
-        )
     return replace(
         config,
         state_path=shard_state_path(config.state_path, shard),

@@ -20,7 +20,7 @@ from segreplay.errors import StateError
 from segreplay.jsonutil import dumps, loads
 from segreplay.privacy import user_digest, user_tag
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _USER_CACHE_SIZE = 10_000  # committed attribute rows kept in memory: bounded, not per user
 
 # Each entry upgrades the schema from the version before it to its own.
@@ -82,6 +82,10 @@ _MIGRATIONS: dict[int, str] = {
         ) WITHOUT ROWID;
         CREATE TABLE aliased (external_id TEXT PRIMARY KEY) WITHOUT ROWID;
     """,
+    # Shards: a merge's profile to keep may be another shard's user, whose
+    # acknowledgements this state never sees. 1 once this shard's own `{external_id}`
+    # object for it was acknowledged: the merge may go then (docs/scale.md).
+    6: "ALTER TABLE merges ADD COLUMN keep_made INTEGER NOT NULL DEFAULT 0",
 }
 _DEFAULT_OPTIONS = MappingOptions().decides_lines()
 
@@ -322,9 +326,29 @@ class State:
     def pending_merges(self) -> list[tuple[str, str]]:
         """Merges not yet acknowledged, both of whose profiles Braze acknowledged."""
         rows = self._db.execute(
-            "SELECT merge_from, keep FROM merges WHERE NOT done ORDER BY merge_from"
+            "SELECT merge_from, keep, keep_made FROM merges WHERE NOT done ORDER BY merge_from"
         ).fetchall()
-        return [(gone, keep) for gone, keep in rows if self.is_known(gone) and self.is_known(keep)]
+        return [
+            (gone, keep)
+            for gone, keep, keep_made in rows
+            if self.is_known(gone) and (keep_made or self.is_known(keep))
+        ]
+
+    def keeps_to_make(self) -> list[str]:
+        """Users a pending merge keeps that this state holds nothing for (another shard's,
+        or users whose own lines all failed), when the profile to merge is acknowledged."""
+        rows = self._db.execute(
+            "SELECT merge_from, keep FROM merges WHERE NOT done AND NOT keep_made"
+        ).fetchall()
+        return sorted({keep for gone, keep in rows
+                       if self.is_known(gone) and not self.is_known(keep)})  # fmt: skip
+
+    def keeps_made(self, users: Iterable[str]) -> None:
+        """Braze acknowledged a profile for these users, made for the merges into them."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE merges SET keep_made=1 WHERE keep=? AND NOT done", ((u,) for u in users)
+            )
 
     def is_aliased(self, external_id: str) -> bool:
         """Whether the user holds a segment_anonymous_id alias (an identify was sent)."""

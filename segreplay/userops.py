@@ -43,15 +43,17 @@ class UserOps:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         stopping: Callable[[], bool] = lambda: False,
+        shared_pause=None,
     ) -> None:
         """`stopping()` true: waits end early and no request is sent again (raising
-        retry.Abandoned). Tests inject the transport, sleep, random source and clock."""
+        retry.Abandoned). Tests inject the transport, sleep, random source and clock;
+        `shared_pause` lets `--workers` share a 429 (RequestBudget)."""
         self._options = options
         self._stopping = stopping
         self._sleep = sleep or self._wait_unless_stopped
         self._rng = rng
         self.budget = RequestBudget(options.rate_requests, options.rate_seconds, clock,
-                                    self._sleep)  # fmt: skip
+                                    self._sleep, shared_pause)  # fmt: skip
         self._client = BrazeClient(options.endpoint, options.api_key, options.timeout_s, 1,
                                    transport)  # fmt: skip
         self._policies: dict[str, RetryPolicy] = {}

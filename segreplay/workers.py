@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 
-from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
+from segreplay.config import DEFAULT_STOP_GRACE_S, DeliveryOptions, RunConfig
 from segreplay.errors import FatalError, SegreplayError, UsageError
 from segreplay.reporting import Change, Reporter, Summary
 from segreplay.sharding import Shard, check_shard_count, shard_config
@@ -39,14 +39,17 @@ class _Job:
 
 
 def worker_config(config: RunConfig, shard: Shard) -> RunConfig:
-    """One shard's run: its own state file and its share of the request budget. Part
+    """One shard's run: its own state file and its share of each request budget. Part
     files are the parent's business (`run_workers`)."""
     config = shard_config(config, shard)
-    delivery = config.delivery
-    if delivery is not None:
-        share = max(1, delivery.rate_requests // shard.count)
-        config = replace(config, delivery=replace(delivery, rate_requests=share))
-    return config
+    if config.delivery is None:
+        return config
+    return replace(config, delivery=_share(config.delivery, shard.count),
+                   user_ops=config.user_ops and _share(config.user_ops, shard.count))  # fmt: skip
+
+
+def _share(options: DeliveryOptions, count: int) -> DeliveryOptions:
+    return replace(options, rate_requests=max(1, options.rate_requests // count))
 
 
 def merge_summaries(parts: list[Summary]) -> Summary:
@@ -89,7 +92,8 @@ def run_workers(
     check_shard_count(config.state_path, count)
     context = multiprocessing.get_context(start_method)
     messages = context.Queue()
-    shared_pause = context.Value("d", 0.0)
+    # One 429 pause for /users/track and one for the user-management endpoints.
+    shared_pauses = (context.Value("d", 0.0), context.Value("d", 0.0))
     parts = _Parts(config, count)
     workers = []
     for index in range(count):
@@ -101,7 +105,7 @@ def run_workers(
         )
         process = context.Process(
             target=_worker_main,
-            args=(_Job(job_config, stop_grace_s), messages, shared_pause),
+            args=(_Job(job_config, stop_grace_s), messages, shared_pauses),
             name=f"segreplay-shard-{shard}",
             daemon=False,
         )
@@ -314,14 +318,14 @@ class _QueueReporter:
         self._messages.put(("changes", self._index, changes))
 
 
-def _worker_main(job: _Job, messages, shared_pause) -> None:
+def _worker_main(job: _Job, messages, shared_pauses) -> None:
     # The terminal's Ctrl-C reaches the whole process group; the parent turns any stop
     # into one SIGTERM per worker, so a worker listens to SIGTERM alone and counts once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import gc
 
     gc.set_threshold(100_000, 50, 1000)  # as the CLI does (cli.main)
-    from segreplay.pipeline import run_import
+    from segreplay.pipeline import replay_into_braze
 
     config = job.config
     index = config.shard[0] if config.shard else 0
@@ -329,14 +333,9 @@ def _worker_main(job: _Job, messages, shared_pause) -> None:
     reporter = _QueueReporter(messages, index, stop)
     status = 0
     try:
-        sink = None
-        if config.delivery is not None:
-            from segreplay.delivery import BrazeSink
-
-            sink = BrazeSink(config.delivery, shared_pause=shared_pause)
         with stop.installed():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            summary = run_import(config, reporter, sink, stop, job.stop_grace_s)
+            summary = replay_into_braze(config, reporter, stop, job.stop_grace_s, shared_pauses)
         messages.put(("done", index, summary))
     except SegreplayError as error:
         messages.put(("error", index, isinstance(error, UsageError), error.message, error.hint))

@@ -197,13 +197,6 @@ def test_shard_from_the_environment(tmp_path):
     assert (tmp_path / "s.shard-1-of-2.sqlite").exists() is False  # a dry run writes none
 
 
-def test_anonymous_alias_is_refused_with_shards(tmp_path):
-    result = _import("samples/segment-logs", "--dry-run", "--workers", "2", "--anonymous",
-                     "alias", "--state", str(tmp_path / "s.sqlite"))  # fmt: skip
-    assert result.exit_code == 2
-    assert "--anonymous alias does not work with shards yet" in result.output
-
-
 def test_reshard_moves_users_and_keeps_facts_about_everyone_in_every_shard(tmp_path):
     from segreplay.resharding import reshard
     from segreplay.state import FileCheckpoint, State
