@@ -160,6 +160,21 @@ def test_a_429_in_one_process_pauses_the_others():
     assert slept == [5.0] and second.waits == 1
 
 
+def test_each_worker_gets_its_share_of_both_budgets():
+    from segreplay.config import DeliveryOptions, RunConfig
+    from segreplay.workers import worker_config
+
+    track = DeliveryOptions(endpoint="http://127.0.0.1:1", api_key="k", rate_requests=1500)
+    user_ops = DeliveryOptions(endpoint="http://127.0.0.1:1", api_key="k",
+                               rate_requests=10000, rate_seconds=60.0, concurrency=1)  # fmt: skip
+    config = RunConfig(sources=("x",), state_path="s.sqlite", delivery=track, user_ops=user_ops,
+                       mapping=MappingOptions(anonymous="alias"))  # fmt: skip
+    shard = worker_config(config, Shard(2, 3))
+    assert (shard.delivery.rate_requests, shard.delivery.rate_seconds) == (500, 3.0)
+    assert (shard.user_ops.rate_requests, shard.user_ops.rate_seconds) == (3333, 60.0)
+    assert (shard.state_path, shard.shard) == ("s.shard-2-of-3.sqlite", (2, 3))
+
+
 def _import(*args: str):
     from click.testing import CliRunner
 

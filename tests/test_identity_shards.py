@@ -1,0 +1,282 @@
+"""Identity across shards (issue 12, item 7) over real sockets: one story of anonymous
+visitors, devices, alias calls and cron runs, replayed with 1, 2 and 3 shards in either
+order, leaves the fake Braze with the same profiles and events, each once; every merge
+is sent while Braze holds both of its profiles; a second run sends nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import segment, write_archive
+
+from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
+from segreplay.delivery import BrazeSink
+from segreplay.fake import FakeBraze
+from segreplay.mapping import ALIAS_LABEL
+from segreplay.merging import MERGE_PATH
+from segreplay.pipeline import run_import
+from segreplay.reporting import SilentReporter, Summary
+from segreplay.retry import Delivered
+from segreplay.sharding import Shard, shard_config, shard_of
+from segreplay.userops import UserOps
+from segreplay.workers import merge_summaries
+
+KEY = "identity-shards-key"
+T1, T2, T3, T4, T5 = (f"2024-03-0{day}T10:00:00.000Z" for day in range(1, 6))
+
+
+def _track(name: str, user: str | None, anon: str | None, time: str) -> dict:
+    line = segment("track", user, time, event=name, properties={}, anonymousId=anon)
+    if anon is None:
+        del line["anonymousId"]
+    return line
+
+
+def _alias_call(previous: str, user: str, time: str) -> dict:
+    return segment("alias", user, time, previousId=previous)
+
+
+# The story, a list of files per cron run; and where Braze must end up.
+RUNS = [
+    [
+        [
+            _track("Phone Browse", None, "anon-phone", T1),
+            _track("Laptop Browse", None, "anon-laptop", T1),
+            _track("Lurk", None, "anon-lurker", T1),  # never linked: keeps its alias profile
+            _track("Old Account Event", "old-id", None, T1),
+            _track("Viewed Home", None, "anon-a", T1),
+            _track("Before Signup", None, "anon-x", T1),  # linked in the same run: no merge
+            segment("identify", "user-2", T2, anonymousId="anon-x", traits={"plan": "pro"}),
+        ]
+    ],
+    [
+        [
+            segment(
+                "identify", "user-1", T2, anonymousId="anon-phone", traits={"first_name": "Ada"}
+            ),
+            _track("Subscribed", "user-1", "anon-laptop", T3),  # a second device
+            _alias_call("old-id", "new-id", T2),  # a userId renamed
+            _track("New Account Event", "new-id", None, T3),
+            _alias_call("anon-a", "user-3", T2),  # user-3 has no line of its own
+            _track("Phone Again", None, "anon-phone", T4),  # after the link: sent as user-1
+        ]
+    ],
+    [[_track("Tablet Browse", None, "anon-tablet", T4)]],
+    [[_track("Tablet Signup", "user-1", "anon-tablet", T5)]],  # a third device
+]
+FINAL = {
+    "user-1": ["Laptop Browse", "Phone Again", "Phone Browse", "Subscribed", "Tablet Browse",
+               "Tablet Signup"],
+    "user-2": ["Before Signup"],
+    "new-id": ["New Account Event", "Old Account Event"],
+    "user-3": ["Viewed Home"],
+    "alias:anon-lurker": ["Lurk"],
+}  # fmt: skip
+# (profile merged away, profile kept), as state keys
+MERGES = [("a:anon-phone", "e:user-1"), ("a:anon-laptop", "e:user-1"), ("e:old-id", "e:new-id"),
+          ("a:anon-a", "e:user-3"), ("a:anon-tablet", "e:user-1")]  # fmt: skip
+
+
+class _CheckedUserOps:
+    """Posts merges through a real UserOps, first checking that the fake holds both
+    profiles of every item: a merge sent earlier would be lost (Braze skips it)."""
+
+    def __init__(self, fake: FakeBraze) -> None:
+        self._fake = fake
+        self._ops = UserOps(DeliveryOptions(endpoint=fake.url, api_key=KEY))
+        self.items: list[tuple[str, dict]] = []
+        self.crash_next = False  # the process dies as it is about to post
+
+    def __call__(self, path: str, body: bytes, permission: str) -> Delivered:
+        if self.crash_next:
+            self.crash_next = False
+            raise KeyboardInterrupt
+        request = orjson.loads(body)
+        for item in request.get("aliases_to_identify", ()):
+            assert self._fake.profile(item["external_id"]) is not None, item
+            assert self._fake.profile(user_alias=item["user_alias"]) is not None, item
+            self.items.append((path, item))
+        for item in request.get("merge_updates", ()):
+            for side in ("identifier_to_merge", "identifier_to_keep"):
+                identifier = item[side]
+                found = (
+                    self._fake.profile(user_alias=identifier["user_alias"])
+                    if "user_alias" in identifier
+                    else self._fake.profile(identifier["external_id"])
+                )
+                assert found is not None, item
+            self.items.append((path, item))
+        return self._ops.deliver(path, body, permission)
+
+    def close(self) -> None:
+        self._ops.close()
+
+
+class ShardedReplays:
+    """One archive folder, a state in `count` shards, one fake: each run replays every
+    shard, one after another, in `order`."""
+
+    def __init__(self, fake: FakeBraze, work: Path, count: int, reverse: bool) -> None:
+        self.fake = fake
+        self.work = work
+        self.logs = work / "logs"
+        self.count = count
+        self.order = list(range(count))[:: -1 if reverse else 1]
+        self.user_ops = _CheckedUserOps(fake)
+        self._files = 0
+
+    def add_file(self, lines: list[dict]) -> None:
+        self._files += 1
+        write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
+
+    def run(self) -> Summary:
+        options = DeliveryOptions(endpoint=self.fake.url, api_key=KEY)
+        config = RunConfig(
+            sources=(str(self.logs),),
+            state_path=str(self.work / "state.sqlite"),
+            dead_letter_path=str(self.work / "dead-letter.jsonl"),
+            mapping=MappingOptions(anonymous="alias"),
+            delivery=options,
+        )
+        summaries = [
+            run_import(
+                shard_config(config, Shard(index, self.count)),
+                SilentReporter(),
+                BrazeSink(options),
+                user_ops=self.user_ops,
+            )  # fmt: skip
+            for index in self.order
+        ]
+        return merge_summaries(summaries)
+
+    def where(self) -> dict[str, list[str]]:
+        profiles = {}
+        for profile in self.fake.profiles():
+            key = profile["external_id"]
+            if key is None:
+                (alias,) = profile["user_aliases"]
+                key = "alias:" + alias["alias_name"]
+            profiles[key] = sorted(event["name"] for event in profile["events"])
+        return profiles
+
+
+def _crossing(count: int) -> list[tuple[str, str]]:
+    return [(gone, keep) for gone, keep in MERGES if shard_of(gone, count) != shard_of(keep, count)]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_story_ends_the_same_in_any_number_of_shards(count, reverse, tmp_path):
+    if count > 1:  # the story exercises what it is about
+        assert len(_crossing(count)) >= 2
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, count, reverse)
+        merges_sent = 0
+        try:
+            for files in RUNS:
+                for lines in files:
+                    replays.add_file(lines)
+                summary = replays.run()
+                assert (summary.rejected, summary.identity_conflicts) == (0, 0)
+                merges_sent += summary.merges_sent
+            assert replays.where() == FINAL
+            assert fake.not_applied() == 0
+            assert merges_sent == len(MERGES)
+            # each merge once, each by the endpoint its shards allow
+            sent = [(path, item) for path, item in replays.user_ops.items]
+            assert len(sent) == len(MERGES)
+            for path, item in sent:
+                if path == MERGE_PATH:
+                    continue
+                # /users/identify only where the alias's and the user's shards are one
+                gone = "a:" + item["user_alias"]["alias_name"]
+                assert shard_of(gone, count) == shard_of("e:" + item["external_id"], count)
+            before = len(fake.requests())
+            again = replays.run()
+            assert (again.requests, again.merges_sent, again.aliases_created) == (0, 0, 0)
+            assert len(fake.requests()) == before
+        finally:
+            replays.user_ops.close()
+
+
+def test_a_merge_into_another_shards_user_makes_that_profile_first(tmp_path):
+    """anon-a's alias profile lives in shard 1 of 2; the alias call names user-3, whose
+    shard (0) has no line of theirs: shard 1 sends {external_id: user-3} itself, and the
+    merge only once Braze acknowledged it. A crash between the two resumes into the
+    merge alone."""
+    assert (shard_of("a:anon-a", 2), shard_of("e:user-3", 2)) == (1, 0)
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
+        try:
+            replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+            replays.run()
+            replays.add_file([_alias_call("anon-a", "user-3", T2)])
+            replays.user_ops.crash_next = True
+            with pytest.raises(KeyboardInterrupt):
+                replays.run()
+            assert [request.path for request in fake.requests()][-1] == "/users/track"
+            assert fake.profile("user-3") is not None  # made, not yet merged into
+            summary = replays.run()
+        finally:
+            replays.user_ops.close()
+        assert (summary.merges_sent, summary.requests) == (1, 0)
+        assert [request.path for request in fake.requests()][-2:] == ["/users/track", MERGE_PATH]
+        assert replays.where() == {"user-3": ["Viewed Home"]}
+
+
+def test_cli_workers_and_shards_send_the_demo_story_alike(tmp_path):
+    """samples/identity-logs with --anonymous alias: one process, --workers 2, and three
+    `--shard auto/3` processes started at once leave Braze the same."""
+    logs = Path(__file__).parent.parent / "samples" / "identity-logs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "SEGREPLAY_"))}
+
+    def command(fake: FakeBraze, work: Path, *options: str) -> list[str]:
+        return [sys.executable, "-m", "segreplay", "import", str(logs), "--anonymous", "alias",
+                "--endpoint", fake.url, "--api-key", KEY, "--state", str(work / "state.sqlite"),
+                "--dead-letter", str(work / "dead-letter.jsonl"), "--json", *options]  # fmt: skip
+
+    results = {}
+    for name, options, processes in (("one", (), 1), ("workers", ("--workers", "2"), 1),
+                                     ("shards", ("--shard", "auto/3"), 3)):  # fmt: skip
+        work = tmp_path / name
+        work.mkdir()
+        with FakeBraze(api_key=KEY) as fake:
+            started = [
+                subprocess.Popen(
+                    command(fake, work, *options),
+                    cwd=work,
+                    env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )  # fmt: skip
+                for index in range(processes)
+            ]
+            summaries = []
+            for process in started:
+                stdout, stderr = process.communicate(timeout=120)
+                assert process.returncode == 0, stderr.decode()
+                summaries.append(orjson.loads(stdout.splitlines()[-1]))
+            profiles = sorted(
+                orjson.dumps(
+                    [
+                        profile["external_id"],
+                        [alias["alias_name"] for alias in profile["user_aliases"]
+                         if alias["alias_label"] == ALIAS_LABEL and profile["external_id"] is None],
+                        sorted(event["name"] for event in profile["events"]),
+                        profile["attributes"],
+                    ],
+                    option=orjson.OPT_SORT_KEYS,
+                )
+                for profile in fake.profiles()
+            )  # fmt: skip
+            assert fake.not_applied() == 0
+        totals = {key: sum(s[key] for s in summaries)
+                  for key in ("events_sent", "anonymous_resolved", "aliases_created")}  # fmt: skip
+        results[name] = (profiles, totals)
+    assert results["workers"] == results["one"]
+    assert results["shards"] == results["one"]
