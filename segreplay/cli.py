@@ -280,7 +280,8 @@ def cli() -> None:
     default="1",
     show_default=True,
     metavar="N|auto",
-    help="Shard processes on this machine, each --rate / N (auto: one per core); docs/scale.md.",
+    help="Shard processes on this machine, each with --rate / N and --user-ops-rate / N "
+    "(auto: one per core); docs/scale.md.",
 )
 @click.option(
     "--shard",
@@ -289,7 +290,7 @@ def cli() -> None:
     show_envvar=True,
     metavar="I/N",
     help="Run only shard I of N (I = auto: the job index of Kubernetes, AWS Batch or "
-    "Cloud Run); give it its share of --rate. docs/scale.md.",
+    "Cloud Run); give it its share of --rate and --user-ops-rate. docs/scale.md.",
 )
 @click.option(
     "--state-upload-every",

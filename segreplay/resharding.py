@@ -189,10 +189,12 @@ def _copy_everywhere(db: sqlite3.Connection, old: str) -> None:
         if table in mine and table not in _PER_USER_TABLES:
             db.execute(f'INSERT OR IGNORE INTO main."{table}" SELECT * FROM {old}."{table}"')
     if "merges" in tables and "merges" in mine:
-        # A merge done in any old shard is done; shards do not send merges yet (scale.md).
+        # A merge done in any old shard is done, and a profile made to keep is made. Only
+        # the shard holding the profile to merge sends it (scale.md), wherever it lands.
         db.execute(
             f"INSERT INTO merges SELECT * FROM {old}.merges WHERE true "
-            "ON CONFLICT(merge_from) DO UPDATE SET done = max(done, excluded.done)"
+            "ON CONFLICT(merge_from) DO UPDATE SET done = max(done, excluded.done), "
+            "keep_made = max(keep_made, excluded.keep_made)"
         )
 
 
