@@ -448,7 +448,8 @@ def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_r
     one kind of id a request. Each acknowledged id is recorded in the state as a digest,
     with its time; their stored attribute values and delivered messageIds are erased.
     A second run sends nothing for ids already deleted; a killed run resumes. Use the
-    state your imports use.
+    --state your imports use: a state kept in shards (--workers, --shard) is changed in
+    every shard file, and a state in a bucket (s3://, gs://) is updated there.
 
     \b
     Examples:

@@ -179,6 +179,20 @@ def check_shard_count(state_path: str, count: int) -> None:
     )
 
 
+def kept_in(state_path: str) -> int:
+    """The number of shards the state is kept in now (1: one file, or no state yet), for
+    a command that works on the whole state. Files of two counts are a usage error."""
+    found = existing_counts(state_path)
+    if len(found) > 1:
+        kept = " and ".join(_in_shards(n) for n in sorted(found))
+        raise UsageError(
+            f"the state {state_path} is kept {kept} at once",
+            "keep the files your imports use (`segreplay status --state FILE` shows what "
+            "each holds), move the others away, and run the same command again",
+        )
+    return next(iter(found), 1)
+
+
 def _in_shards(count: int) -> str:
     return "in one file" if count == 1 else f"in {count} shards"
 
