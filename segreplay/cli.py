@@ -668,10 +668,12 @@ def status_command(state_path: str, as_json: bool) -> None:
     """
     import os
 
+    from segreplay.sharding import shard_hint
     from segreplay.state import State
 
     if not os.path.exists(state_path):
-        raise click.UsageError(f"{state_path}: no state file here\nHint: pass --state PATH")
+        hint = shard_hint(state_path) or "pass --state PATH"
+        raise click.UsageError(f"{state_path}: no state file here\nHint: {hint}")
     try:
         state = State(state_path)
     except SegreplayError as error:
