@@ -449,7 +449,8 @@ def delete_command(user_ids, anonymous_ids, endpoint, api_key, state_path, dry_r
     one kind of id a request. Each acknowledged id is recorded in the state as a digest,
     with its time; their stored attribute values and delivered messageIds are erased.
     A second run sends nothing for ids already deleted; a killed run resumes. Use the
-    state your imports use.
+    --state your imports use: a state kept in shards (--workers, --shard) is changed in
+    every shard file, and a state in a bucket (s3://, gs://) is updated there.
 
     \b
     Examples:
@@ -668,10 +669,12 @@ def status_command(state_path: str, as_json: bool) -> None:
     """
     import os
 
+    from segreplay.sharding import shard_hint
     from segreplay.state import State
 
     if not os.path.exists(state_path):
-        raise click.UsageError(f"{state_path}: no state file here\nHint: pass --state PATH")
+        hint = shard_hint(state_path) or "pass --state PATH"
+        raise click.UsageError(f"{state_path}: no state file here\nHint: {hint}")
     try:
         state = State(state_path)
     except SegreplayError as error:

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
+from segreplay.bucket_state import is_bucket_path
 from segreplay.config import MAX_IDS_PER_REQUEST, DeleteConfig
 from segreplay.jsonutil import dumps
 from segreplay.privacy import IdKind, IdList, PersonId, user_digest
 from segreplay.reporting import DeadLetter, Reporter
 from segreplay.retry import Abandoned
-from segreplay.runfiles import check_folder, now, open_state, recorded_run
+from segreplay.runfiles import check_folder, now, open_whole_state, recorded_run
 from segreplay.state import State
 from segreplay.stopping import StopRequest
 from segreplay.userops import UserOps
@@ -88,59 +89,115 @@ def run_delete(
     stop: StopRequest | None = None,
     make_userops: Callable[..., UserOps] = UserOps,
 ) -> tuple[DeleteSummary, DeletePlan]:
-    """Delete `ids` in Braze and erase them from the state. Returns the summary (with
-    `interrupted` set when `stop` was requested) and the plan (what was, or in a dry run
-    would be, sent). Raises SegreplayError when the run cannot go on.
-    `make_userops(delivery_options, stopping=...)` builds the client (tests inject)."""
+    """Delete `ids` in Braze and erase them from every file of the state (one, or each
+    shard). Returns the summary (with `interrupted` set when `stop` was requested) and
+    the plan (what was, or in a dry run would be, sent). Raises SegreplayError when the
+    run cannot go on. `make_userops(delivery_options, stopping=...)` builds the client
+    (tests inject)."""
     started = _time.monotonic()
     stop = stop or StopRequest()
     summary = DeleteSummary(ids_read=ids.read, duplicates=ids.duplicates, dry_run=config.dry_run)
     check_folder("--dead-letter", config.dead_letter_path)
-    if not config.dry_run:
+    if not config.dry_run and not is_bucket_path(config.state_path):
         check_folder("--state", config.state_path)
     with ExitStack() as stack:
-        state = open_state(config.state_path, config.dry_run, stack)
-        deleted = set(state.deleted_digests())
-        pending = [person for person in ids.ids if user_digest(person.key) not in deleted]
-        # An anonymousId linked to a deleted userId goes with it (identity.md): its
-        # alias profile, and any later anonymous line of it.
-        named = {person.key for person in pending}
-        for person in list(pending):
-            if person.kind is IdKind.USER:
-                for anonymous_id in state.linked_anonymous_ids(person.value):
-                    linked = PersonId(IdKind.ANONYMOUS, anonymous_id, person.source, person.line)
-                    if linked.key not in named and user_digest(linked.key) not in deleted:
-                        named.add(linked.key)
-                        pending.append(linked)
-        summary.already_deleted = len(ids.ids) - len(pending)
+        whole = open_whole_state(config.state_path, config.dry_run, stack)
+        states = whole.states
+        pending, unfinished, strays = _sort_out(ids, states)
+        if strays:
+            reporter.notice(
+                f"deletions recorded in only some shards of {config.state_path} and not named "
+                f"here: {strays:,} (a delete stopped between two shards); run that delete "
+                "again with the same ids before the next import, so that every shard has them"
+            )
+        sending = {person.key for person in pending}
+        summary.already_deleted = sum(person.key not in sending for person in ids.ids)
         plan = plan_requests(pending)
         if config.dry_run:
             summary.deleted = len(pending)
             summary.requests = len(plan.requests)
             summary.elapsed_s = _time.monotonic() - started
             return summary, plan
+        for path in whole.new_shards:
+            reporter.notice(
+                f"{path} did not exist: made, to hold the deletions; if that shard runs on "
+                "another machine with its own state, run the same delete there too"
+            )
         assert config.delivery is not None
         dead_letter = DeadLetter(config.dead_letter_path, reporter)
         stack.callback(dead_letter.close)
         userops = make_userops(config.delivery, stopping=lambda: stop.requested)
         stack.callback(userops.close)
-        with recorded_run(state, summary, started):
+        with ExitStack() as runs:
+            for state in states:
+                runs.enter_context(recorded_run(state, summary, started))
+            # Braze acknowledged these before: a run killed between recording them in
+            # one shard and in the next. The other shards learn them now, unsent.
+            _record(states, unfinished)
             # A killed run may have left acknowledged deletions not yet erased.
-            summary.erased_messages += state.erase_deleted()
+            summary.erased_messages += _erase(states)
             try:
                 for group in plan.requests:
                     if stop.requested:
                         break
-                    _send(userops, state, group, summary, dead_letter)
+                    _send(userops, states, group, summary, dead_letter)
             except Abandoned:
                 pass  # stopping: that request was not sent again; the next run sends it
             summary.interrupted = stop.requested
-            # Also after a stop: what Braze acknowledged leaves the file now, not later.
-            summary.erased_messages += state.erase_deleted()
+            # Also after a stop: what Braze acknowledged leaves the files now, not later.
+            summary.erased_messages += _erase(states)
     return summary, plan
 
 
-def _send(userops: UserOps, state: State, group: list[PersonId], summary: DeleteSummary,
+def _sort_out(ids: IdList, states: list[State]) -> tuple[list[PersonId], list[str], int]:
+    """(ids to send, keys to record without sending, other deletions some files lack).
+    Deleted in every file of the state: done. Deleted in some files only: Braze
+    acknowledged it (only what it acknowledged is recorded), so the other files are
+    told, and nothing is sent; a file holds digests, not ids, so only the ids named here
+    can be told. An anonymousId linked to a userId to delete, in any shard, goes with it
+    (identity.md): its alias profile, and any later anonymous line of it."""
+    recorded = [set(state.deleted_digests()) for state in states]
+    everywhere = set.intersection(*recorded)
+    somewhere = set.union(*recorded)
+    people = list(ids.ids)
+    named = {person.key for person in people}
+    for person in ids.ids:
+        if person.kind is not IdKind.USER or user_digest(person.key) in everywhere:
+            continue
+        linked_ids = {
+            linked for state in states for linked in state.linked_anonymous_ids(person.value)
+        }
+        for anonymous_id in sorted(linked_ids):
+            linked = PersonId(IdKind.ANONYMOUS, anonymous_id, person.source, person.line)
+            if linked.key not in named:
+                named.add(linked.key)
+                people.append(linked)
+    pending, unfinished = [], []
+    partial = somewhere - everywhere
+    for person in people:
+        digest = user_digest(person.key)
+        if digest not in somewhere:
+            pending.append(person)
+        elif digest in partial:
+            unfinished.append(person.key)
+            partial.discard(digest)
+    return pending, unfinished, len(partial)
+
+
+def _record(states: list[State], users: list[str]) -> None:
+    """Every file learns the deletions, each in its own transaction: a run killed in
+    between leaves some files without them, and the next run completes them."""
+    if users:
+        deleted_at = now()
+        for state in states:
+            state.record_deletions(users, deleted_at)
+
+
+def _erase(states: list[State]) -> int:
+    return sum(state.erase_deleted() for state in states)
+
+
+def _send(userops: UserOps, states: list[State], group: list[PersonId], summary: DeleteSummary,
           dead_letter: DeadLetter) -> None:  # fmt: skip
     posted = userops.post(DELETE_PATH, request_body(group), PERMISSION)
     summary.requests += 1
@@ -152,7 +209,7 @@ def _send(userops: UserOps, state: State, group: list[PersonId], summary: Delete
             summary.rejected += 1
             dead_letter.write(person.source, person.line, "refused by Braze", reason, person.value)
         return
-    state.record_deletions([person.key for person in group], now())
+    _record(states, [person.key for person in group])
     summary.deleted += len(group)
     count = posted.answer.get("deleted")
     summary.braze_deleted += count if isinstance(count, int) else 0

@@ -1,6 +1,6 @@
 """What `import` and `delete` share about the files they work on: the state (a private
-copy for a dry run), the folders of the files they will write, checked up front, and the
-run they record in the state."""
+copy for a dry run; for `delete`, every shard of it), the folders of the files they will
+write, checked up front, and the run they record in the state."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from segreplay.bucket_state import BucketState, is_bucket_path
 from segreplay.errors import UsageError
+from segreplay.sharding import kept_in, shard_paths
 from segreplay.state import State, StateLock
 from segreplay.stopping import StopNow
 from segreplay.times import format_time
@@ -51,6 +54,34 @@ def open_state(state_path: str, dry_run: bool, stack: ExitStack) -> State:
     state = State(scratch, durable=False)
     stack.callback(state.close)
     return state
+
+
+@dataclass
+class WholeState:
+    """Every file a state is kept in, open (`open_whole_state`)."""
+
+    states: list[State] = field(default_factory=list)
+    new_shards: list[str] = field(default_factory=list)  # shard files no run had made yet
+
+
+def open_whole_state(state_path: str, dry_run: bool, stack: ExitStack) -> WholeState:
+    """The state as a whole, for a command that must change all of it: its one file, or
+    each of its N shards (sharding.kept_in), each opened as `open_state` does. A shard no
+    run has made yet is made, so that it too knows what this run records. A state in a
+    bucket is downloaded under its lease and uploaded when `stack` closes, as an import
+    does (a dry run takes no lease and uploads nothing)."""
+    paths = shard_paths(state_path, kept_in(state_path))
+    whole = WholeState()
+    for path in paths:
+        local = path
+        if is_bucket_path(path):
+            bucket = BucketState(path)
+            local = bucket.open(lease=not dry_run)
+            stack.callback(bucket.close, upload=not dry_run)  # after the state closes
+        if len(paths) > 1 and not os.path.exists(local):
+            whole.new_shards.append(path)
+        whole.states.append(open_state(local, dry_run, stack))
+    return whole
 
 
 @contextmanager

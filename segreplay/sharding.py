@@ -179,6 +179,35 @@ def check_shard_count(state_path: str, count: int) -> None:
     )
 
 
+def kept_in(state_path: str) -> int:
+    """The number of shards the state is kept in now (1: one file, or no state yet), for
+    a command that works on the whole state. Files of two counts are a usage error."""
+    found = existing_counts(state_path)
+    if len(found) > 1:
+        kept = " and ".join(_in_shards(n) for n in sorted(found))
+        raise UsageError(
+            f"the state {state_path} is kept {kept} at once",
+            "keep the files your imports use (`segreplay status --state FILE` shows what "
+            "each holds), move the others away, and run the same command again",
+        )
+    return next(iter(found), 1)
+
+
+def shard_hint(state_path: str) -> str | None:
+    """For `status`, which reads one local file: the shard files to pass instead when the
+    state beside `state_path` is kept in shards."""
+    if state_path.startswith(("s3://", "gs://")):
+        return None
+    sharded = sorted((n, paths) for n, paths in existing_counts(state_path).items() if n > 1)
+    if not sharded:
+        return None
+    count, paths = sharded[0]
+    return (
+        f"the state is kept in {count} shards: pass one of them, e.g. --state {paths[0]} "
+        "(each shard records every deletion)"
+    )
+
+
 def _in_shards(count: int) -> str:
     return "in one file" if count == 1 else f"in {count} shards"
 
