@@ -134,6 +134,7 @@ class _Replay:
         self._output = output
         self._user_ops = user_ops
         self._links = Links(state.link) if config.mapping.anonymous == "alias" else None
+        self._linked_aliases: dict[str, str] = {}  # anonymousId -> userId (_note_linked_alias)
         # Users never to send (privacy.md); None when there are none, as is usual.
         self._forgotten = Forgotten(state.deleted_digests(), config.suppressed) or None
 
@@ -175,7 +176,10 @@ class _Replay:
         profiles to keep that this shard holds nothing for, then send every merge whose
         two profiles Braze acknowledged (identity.md; across shards: docs/scale.md)."""
         state = self._state
-        plan_merges(state, new_links)  # users this run created may need one too
+        # Profiles this run created may need one too: users an alias call renames, and
+        # aliases sent for lines that arrived before their link (shards).
+        plan_merges(state, new_links + [Link(anonymous_id, external_id, "") for anonymous_id,
+                                        external_id in self._linked_aliases.items()])  # fmt: skip
         forgotten = self._forgotten.reason if self._forgotten is not None else (lambda user: None)
         keeps = [user for user in state.keeps_to_make() if not forgotten(user)]
         if keeps:
@@ -216,7 +220,7 @@ class _Replay:
                 {"anonymousId": link.anonymous_id, "userId": link.external_id,
                  "kept": conflict.kept, "time": link.time},
             )  # fmt: skip
-        self._state.record_links((n.anonymous_id, n.external_id, n.time) for n in new)
+        self._state.record_links((n.anonymous_id, n.external_id, n.time, n.arrived_ns) for n in new)
         plan_merges(self._state, new)
         return new
 
@@ -243,7 +247,10 @@ class _Replay:
         # next entry moves the file's progress past them, or one entry for the last.
         elsewhere = 0
         passed_over = None  # the last line read, when another shard owns it
-        lines = mapped_lines(reader, self._config.mapping, point.skip, self._links, self._shard)
+        links = self._links
+        if links is not None and self._shard is not None:
+            links = links.arrived_by(archive.mtime_ns)  # as every shard resolves this file
+        lines = mapped_lines(reader, self._config.mapping, point.skip, links, self._shard)
         for number, raw, record, mapped in lines:
             kind = type(mapped)
             if kind is Elsewhere:
@@ -265,6 +272,8 @@ class _Replay:
             if kind is Call:
                 if mapped.resolved_from:
                     summary.anonymous_resolved += 1
+                elif links is not self._links and mapped.is_alias:
+                    self._note_linked_alias(mapped.user)
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
                 add((number, len(raw), mapped))
@@ -287,6 +296,15 @@ class _Replay:
         self._bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = self._bytes_before
         self._ledger.close_file(progress)
+
+    def _note_linked_alias(self, user: str) -> None:
+        """An alias line a link could not resolve: the file arrived before the link's
+        (shards, ArrivedLinks). Its alias profile is merged into the user after the replay."""
+        anonymous_id = user[2:]
+        if anonymous_id not in self._linked_aliases:
+            external_id = self._links.get(anonymous_id)
+            if external_id is not None:
+                self._linked_aliases[anonymous_id] = external_id
 
     def _decide(self, progress, chunk: list, elsewhere: int, passed_over: bool = False) -> None:
         """Decide a chunk of lines; between slices of it, send what sealed.

@@ -82,10 +82,15 @@ _MIGRATIONS: dict[int, str] = {
         ) WITHOUT ROWID;
         CREATE TABLE aliased (external_id TEXT PRIMARY KEY) WITHOUT ROWID;
     """,
-    # Shards: a merge's profile to keep may be another shard's user, whose
-    # acknowledgements this state never sees. 1 once this shard's own `{external_id}`
-    # object for it was acknowledged: the merge may go then (docs/scale.md).
-    6: "ALTER TABLE merges ADD COLUMN keep_made INTEGER NOT NULL DEFAULT 0",
+    # Shards (docs/scale.md). A merge's profile to keep may be another shard's user,
+    # whose acknowledgements this state never sees: keep_made is 1 once this shard's own
+    # `{external_id}` object for it was acknowledged, and the merge may go then. A link
+    # applies across shards only to files that arrived after the first file holding it:
+    # arrived_ns is that file's modification time (NULL: recorded before, applies to all).
+    6: """
+        ALTER TABLE merges ADD COLUMN keep_made INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE links ADD COLUMN arrived_ns INTEGER
+    """,
 }
 _DEFAULT_OPTIONS = MappingOptions().decides_lines()
 
@@ -291,12 +296,11 @@ class State:
 
     # identity ----------------------------------------------------------------------------
 
-    def link(self, anonymous_id: str) -> str | None:
-        """The external_id an earlier run linked `anonymous_id` to."""
-        row = self._db.execute(
-            "SELECT external_id FROM links WHERE anonymous_id=?", (anonymous_id,)
+    def link(self, anonymous_id: str) -> tuple[str, int | None] | None:
+        """(external_id, arrived_ns) of the link an earlier run recorded for `anonymous_id`."""
+        return self._db.execute(
+            "SELECT external_id, arrived_ns FROM links WHERE anonymous_id=?", (anonymous_id,)
         ).fetchone()
-        return row[0] if row else None
 
     def linked_anonymous_ids(self, external_id: str) -> list[str]:
         return [
@@ -310,11 +314,17 @@ class State:
         """Whether Braze acknowledged anything for `user` (its profile exists)."""
         return self.user_attributes(user) is not None
 
-    def record_links(self, links: Iterable[tuple[str, str, str]]) -> None:
-        """(anonymous_id, external_id, time) rows, in one transaction; a link already
-        recorded keeps."""
+    def record_links(self, links: Iterable[tuple[str, str, str, int | None]]) -> None:
+        """(anonymous_id, external_id, time, arrived_ns) rows, in one transaction. A link
+        already recorded keeps its user; an earlier arrival of the same link is kept."""
         with self._transaction():
-            self._db.executemany("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", links)
+            self._db.executemany(
+                "INSERT INTO links (anonymous_id, external_id, time, arrived_ns) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(anonymous_id) DO UPDATE SET "
+                "arrived_ns = min(arrived_ns, excluded.arrived_ns) "
+                "WHERE external_id = excluded.external_id",
+                links,
+            )
 
     def add_merges(self, merges: Iterable[tuple[str, str]]) -> None:
         """(merge_from, keep) pairs to send once; one already recorded keeps."""

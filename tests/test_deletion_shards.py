@@ -306,7 +306,7 @@ def test_a_deletion_some_shards_missed_is_completed_there_without_sending_it_aga
         if index == 1:
             state.commit(1, {"e:half": {"email": ["half-9d2e@example.com", T]}},
                          [(77, user_tag("e:half"))], [])  # fmt: skip
-            state.record_links([("anon-of-fresh", "fresh", T)])
+            state.record_links([("anon-of-fresh", "fresh", T, None)])
         else:
             state.record_deletions(["e:half"], T)
         if index == 2:

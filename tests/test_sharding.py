@@ -224,7 +224,7 @@ def test_reshard_moves_users_and_keeps_facts_about_everyone_in_every_shard(tmp_p
         mine = [user for user in users if shard_of(user, 2) == index]
         state.commit(run, {user: {"plan": ["pro", "2024-01-01T00:00:00.000Z"]} for user in mine},
                      [(index * 100 + 1, 0)], [FileCheckpoint("a.gz", 10, "f", 5 + index, index == 1)])  # fmt: skip
-        state.record_links([(f"anon-{index}", f"user-{index}", "2024-01-01T00:00:00.000Z")])
+        state.record_links([(f"anon-{index}", f"user-{index}", "2024-01-01T00:00:00.000Z", 0)])
         state.close()
     result = reshard(base, 3)
     assert (result.old_count, result.new_count, result.users) == (2, 3, 40)
@@ -234,7 +234,7 @@ def test_reshard_moves_users_and_keeps_facts_about_everyone_in_every_shard(tmp_p
             held = {u for u in users if state.user_attributes(u) is not None}
             assert held == {u for u in users if shard_of(u, 3) == index}
             assert state.counts()["delivered_messages"] == 2  # every digest, everywhere
-            assert (state.link("anon-0"), state.link("anon-1")) == ("user-0", "user-1")
+            assert (state.link("anon-0"), state.link("anon-1")) == (("user-0", 0), ("user-1", 0))
             [checkpoint] = state.checkpoints()
             assert (checkpoint.lines_acked, checkpoint.done) == (5, False)  # the least
         finally:
