@@ -521,11 +521,11 @@ def _sharded(config: RunConfig, workers_text: str, shard_text: str | None):
     if shard_text:
         if workers > 1:
             raise UsageError(
-                "--shard and --workers do not go together",
+                "--shard (or SEGREPLAY_SHARD) and --workers do not go together",
                 "run one shard per process with --shard, or N of them with --workers",
             )
         shard = parse_shard(shard_text)
-        check_shard_count(config.state_path, shard.count)
+        check_shard_count(config.state_path, shard.count, "--shard")
         return 1, shard_config(config, shard)
     check_shard_count(config.state_path, workers)
     return workers, config

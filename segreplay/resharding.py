@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from segreplay.errors import StateError, UsageError
 from segreplay.jsonutil import dumps
-from segreplay.sharding import existing_counts, shard_of, shard_paths
+from segreplay.sharding import existing_counts, in_shards, shard_of, shard_paths
 from segreplay.state import FileCheckpoint, State, StateLock
 from segreplay.times import format_time
 
@@ -79,9 +79,16 @@ def _source_count(state_path: str, count: int) -> int:
         raise UsageError(f"{state_path}: no state here, in one file or in shards",
                          "pass the --state the imports use")  # fmt: skip
     complete = [
-        n for n, paths in found.items() if n != count and len(paths) == n
-        and paths == shard_paths(state_path, n)
+        n for n, paths in found.items() if len(paths) == n and paths == shard_paths(state_path, n)
     ]  # fmt: skip
+    if count in complete and len(found) > 1:
+        # Both sets whole: rewriting one over the other would drop what it acknowledged.
+        raise StateError(
+            f"{state_path} is kept both {in_shards(count)} and "
+            f"{' and '.join(in_shards(n) for n in found if n != count)}",
+            "only one of them is in use: move the other set of files away, then reshard",
+        )
+    complete = [n for n in complete if n != count]
     if not complete:
         if count in found and len(found) == 1:
             raise UsageError(f"{state_path} is already kept in {count} shards")

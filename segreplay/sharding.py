@@ -165,17 +165,25 @@ def existing_counts(state_path: str) -> dict[int, list[str]]:
     return found
 
 
-def check_shard_count(state_path: str, count: int) -> None:
+def check_shard_count(state_path: str, count: int, option: str = "--workers") -> None:
     """A state is kept in one number of shards: a run with another is a usage error that
-    says how to reshard."""
-    others = sorted(n for n in existing_counts(state_path) if n != count)
+    says how to reshard (`option`: how this run names its shards, --workers or --shard)."""
+    found = existing_counts(state_path)
+    others = sorted(n for n in found if n != count)
     if not others:
         return
-    kept = " and ".join(_in_shards(n) for n in others)
+    kept = " and ".join(in_shards(n) for n in others)
+    if count in found:
+        # Resharding one set over the other would drop what the other acknowledged.
+        raise UsageError(
+            f"the state {state_path} is kept both {in_shards(count)} and {kept}",
+            "only one of them is in use: move the other set of files away (segreplay status "
+            "--state on a file shows its last runs), then run again",
+        )
     raise UsageError(
-        f"the state {state_path} is kept {kept}, not {_in_shards(count)}",
+        f"the state {state_path} is kept {kept}, not {in_shards(count)}",
         f"run `segreplay reshard --shards {count} --state {state_path}` first, or run with "
-        f"{_flag(others[0])}",
+        f"{_flag(others[0], option)}",
     )
 
 
@@ -184,7 +192,7 @@ def kept_in(state_path: str) -> int:
     a command that works on the whole state. Files of two counts are a usage error."""
     found = existing_counts(state_path)
     if len(found) > 1:
-        kept = " and ".join(_in_shards(n) for n in sorted(found))
+        kept = " and ".join(in_shards(n) for n in sorted(found))
         raise UsageError(
             f"the state {state_path} is kept {kept} at once",
             "keep the files your imports use (`segreplay status --state FILE` shows what "
@@ -208,12 +216,15 @@ def shard_hint(state_path: str) -> str | None:
     )
 
 
-def _in_shards(count: int) -> str:
+def in_shards(count: int) -> str:
+    """How a state kept in `count` shards is said: `in one file`, `in 3 shards`."""
     return "in one file" if count == 1 else f"in {count} shards"
 
 
-def _flag(count: int) -> str:
-    return "neither --workers nor --shard" if count == 1 else f"--workers {count}"
+def _flag(count: int, option: str) -> str:
+    if count == 1:
+        return "neither --workers nor --shard"
+    return f"--shard I/{count}" if option == "--shard" else f"--workers {count}"
 
 
 def _split(state_path: str) -> tuple[str, str]:

@@ -125,6 +125,31 @@ def test_state_files_beside_the_state(tmp_path):
     assert raised.value.hint == (
         f"run `segreplay reshard --shards 1 --state {state}` first, or run with --workers 2"
     )
+    with pytest.raises(UsageError) as raised:
+        check_shard_count(state, 3, "--shard")
+    assert raised.value.hint.endswith("or run with --shard I/2")
+
+
+def test_a_state_kept_both_in_one_file_and_in_shards_is_never_resharded_over(tmp_path):
+    """A plain file beside whole shard files (an older segreplay's delete made one): a run
+    of either count, and a reshard to either, would drop what the other set acknowledged."""
+    from segreplay.errors import StateError
+    from segreplay.resharding import reshard
+    from segreplay.state import State
+
+    state = str(tmp_path / "segreplay-state.sqlite")
+    for path in (
+        state,
+        *(str(tmp_path / f"segreplay-state.shard-{i}-of-2.sqlite") for i in (0, 1)),
+    ):
+        State(path).close()
+    for count in (1, 2):
+        with pytest.raises(UsageError) as raised:
+            check_shard_count(state, count)
+        assert raised.value.message.startswith(f"the state {state} is kept both")
+        with pytest.raises(StateError) as refused:
+            reshard(state, count)
+        assert "move the other set of files away" in refused.value.hint
 
 
 def test_the_summary_of_shards_adds_work_and_keeps_the_archive_once():
@@ -187,7 +212,7 @@ def test_shard_and_workers_do_not_go_together(tmp_path):
     result = _import("samples/segment-logs", "--dry-run", "--shard", "0/2", "--workers", "2",
                      "--state", str(tmp_path / "s.sqlite"))  # fmt: skip
     assert result.exit_code == 2
-    assert "--shard and --workers do not go together" in result.output
+    assert "--shard (or SEGREPLAY_SHARD) and --workers do not go together" in result.output
 
 
 def test_standard_input_is_not_shared_out(tmp_path):
