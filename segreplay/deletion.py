@@ -68,9 +68,11 @@ class DeletePlan:
 
 def plan_requests(pending: list[PersonId]) -> DeletePlan:
     """At most 50 ids a request, one kind of id a request (Braze's page: only one of
-    external_ids, user_aliases, ... may be given in a single request)."""
+    external_ids, user_aliases, ... may be given in a single request). anonymousIds go
+    first: recording a userId's deletion drops its links, so a run killed between the two
+    would otherwise never find the anonymousIds linked to it again."""
     plan = DeletePlan()
-    for kind in IdKind:
+    for kind in (IdKind.ANONYMOUS, IdKind.USER):
         same = [person for person in pending if person.kind is kind]
         for start in range(0, len(same), MAX_IDS_PER_REQUEST):
             plan.requests.append(same[start : start + MAX_IDS_PER_REQUEST])

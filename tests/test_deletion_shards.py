@@ -325,8 +325,8 @@ def test_a_deletion_some_shards_missed_is_completed_there_without_sending_it_aga
         "the next import, so that every shard has them"
     ]
     assert braze.bodies == [
-        {"external_ids": ["fresh"]},
         {"user_aliases": [{"alias_name": "anon-of-fresh", "alias_label": "segment_anonymous_id"}]},
+        {"external_ids": ["fresh"]},
     ]
     assert (summary.already_deleted, summary.deleted, summary.requests) == (1, 2, 2)
     assert summary.erased_messages == 1  # shard 1's messageId of `half`

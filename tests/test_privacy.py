@@ -96,14 +96,15 @@ def test_requests_hold_at_most_50_ids_of_one_kind(tmp_path):
         + [(str(_write(tmp_path, "a.txt", "a1\na2")), IdKind.ANONYMOUS)]
     )
     plan = plan_requests(found.ids)
-    assert [len(group) for group in plan.requests] == [50, 50, 20, 2]
-    assert orjson.loads(request_body(plan.requests[-1])) == {
+    # anonymousIds first: a userId's deletion drops the links that name them
+    assert [len(group) for group in plan.requests] == [2, 50, 50, 20]
+    assert orjson.loads(request_body(plan.requests[0])) == {
         "user_aliases": [
             {"alias_name": "a1", "alias_label": "segment_anonymous_id"},
             {"alias_name": "a2", "alias_label": "segment_anonymous_id"},
         ]
     }
-    assert list(orjson.loads(request_body(plan.requests[0]))) == ["external_ids"]
+    assert list(orjson.loads(request_body(plan.requests[-1]))) == ["external_ids"]
 
 
 def _write(tmp_path, name, text):
