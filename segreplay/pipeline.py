@@ -22,7 +22,7 @@ from segreplay.merging import Post, dry_post, plan_merges, send_merges
 from segreplay.privacy import Forgotten
 from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
-from segreplay.runfiles import check_folder, open_state, recorded_run
+from segreplay.runfiles import check_folder, open_kept_state, recorded_run
 from segreplay.settling import Settler
 from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
@@ -59,7 +59,9 @@ def run_import(
     with ExitStack() as stack:
         sink = sink or DrySink()
         stack.callback(sink.close)
-        state, bucket = _open_state(config, stack)
+        kept = open_kept_state(config.state_path, config.dry_run, stack,
+                               config.state_upload_every_s)  # fmt: skip
+        state, bucket = kept.state, kept.bucket
         if bucket is not None and not config.dry_run:
             delivery = config.delivery
             reporter.notice(duplicate_bound(
@@ -414,15 +416,3 @@ class _Replay:
         for rejection in call.rejected_objects:
             summary.rejected += 1
             self._dead_letter.write(path, number, "rejected", rejection.reason, record)
-
-
-def _open_state(config: RunConfig, stack: ExitStack) -> tuple[State, BucketState | None]:
-    """The state a run works on (runfiles.open_state), and the bucket it is kept in, if
-    any: downloaded first, uploaded last (bucket_state.py)."""
-    path = config.state_path
-    bucket = None
-    if is_bucket_path(path):
-        bucket = BucketState(path, config.state_upload_every_s)
-        path = bucket.open(lease=not config.dry_run)
-        stack.callback(bucket.close, upload=not config.dry_run)  # after the state closes
-    return open_state(path, config.dry_run, stack), bucket

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from segreplay.bucket_state import BucketState, is_bucket_path
+from segreplay.bucket_state import DEFAULT_UPLOAD_EVERY_S, BucketState, is_bucket_path
 from segreplay.errors import UsageError
 from segreplay.sharding import kept_in, shard_paths
 from segreplay.state import State, StateLock
@@ -56,6 +56,30 @@ def open_state(state_path: str, dry_run: bool, stack: ExitStack) -> State:
     return state
 
 
+@dataclass(frozen=True)
+class KeptState:
+    """A state file open for a run, wherever it is kept (`open_kept_state`)."""
+
+    state: State
+    bucket: BucketState | None  # kept in a bucket: downloaded, uploaded when the run ends
+    made: bool  # no run had made this file yet
+
+
+def open_kept_state(path: str, dry_run: bool, stack: ExitStack,
+                    upload_every_s: float = DEFAULT_UPLOAD_EVERY_S) -> KeptState:  # fmt: skip
+    """`open_state` for a state on this machine or in a bucket: a bucket's object is
+    downloaded under its lease first and uploaded when `stack` closes, after the state
+    (a dry run takes no lease and uploads nothing)."""
+    bucket = None
+    local = path
+    if is_bucket_path(path):
+        bucket = BucketState(path, upload_every_s)
+        local = bucket.open(lease=not dry_run)
+        stack.callback(bucket.close, upload=not dry_run)
+    made = not os.path.exists(local)
+    return KeptState(open_state(local, dry_run, stack), bucket, made)
+
+
 @dataclass
 class WholeState:
     """Every file a state is kept in, open (`open_whole_state`)."""
@@ -66,21 +90,15 @@ class WholeState:
 
 def open_whole_state(state_path: str, dry_run: bool, stack: ExitStack) -> WholeState:
     """The state as a whole, for a command that must change all of it: its one file, or
-    each of its N shards (sharding.kept_in), each opened as `open_state` does. A shard no
-    run has made yet is made, so that it too knows what this run records. A state in a
-    bucket is downloaded under its lease and uploaded when `stack` closes, as an import
-    does (a dry run takes no lease and uploads nothing)."""
+    each of its N shards (sharding.kept_in), each opened as `open_kept_state` does. A
+    shard no run has made yet is made, so that it too knows what this run records."""
     paths = shard_paths(state_path, kept_in(state_path))
     whole = WholeState()
     for path in paths:
-        local = path
-        if is_bucket_path(path):
-            bucket = BucketState(path)
-            local = bucket.open(lease=not dry_run)
-            stack.callback(bucket.close, upload=not dry_run)  # after the state closes
-        if len(paths) > 1 and not os.path.exists(local):
+        kept = open_kept_state(path, dry_run, stack)
+        if len(paths) > 1 and kept.made:
             whole.new_shards.append(path)
-        whole.states.append(open_state(local, dry_run, stack))
+        whole.states.append(kept.state)
     return whole
 
 
