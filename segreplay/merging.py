@@ -51,7 +51,8 @@ class _Merge:
 def plan_merges(state: State, new_links: Iterable[Link]) -> None:
     """Record the merges the run's new links call for: a profile that Braze holds under
     the old id (an alias profile from an earlier run, or a previous userId) joins the
-    user. Lines still to come are sent as the user directly and need none."""
+    user. Lines still to come are sent as the user directly and need none; a profile
+    Braze acknowledges later under a linked id gets its merge then (State.commit)."""
     merges = []
     for link in new_links:
         keep = "e:" + link.external_id

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from segreplay.batching import Batch, Batcher
 from segreplay.bucket_state import BucketState, duplicate_bound, is_bucket_path
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
-from segreplay.identity import Link, Links, scan
+from segreplay.identity import Links, scan
 from segreplay.ledger import Ledger
 from segreplay.mapping import Call, Rejected, Skipped
 from segreplay.merging import Post, dry_post, plan_merges, send_merges
@@ -136,7 +136,6 @@ class _Replay:
         self._output = output
         self._user_ops = user_ops
         self._links = Links(state.link) if config.mapping.anonymous == "alias" else None
-        self._linked_aliases: dict[str, str] = {}  # anonymousId -> userId (_note_linked_alias)
         # Users never to send (privacy.md); None when there are none, as is usual.
         self._forgotten = Forgotten(state.deleted_digests(), config.suppressed) or None
 
@@ -151,14 +150,15 @@ class _Replay:
                                                lambda a=archive: fingerprint(a), options))
             for archive in archives
         ]  # fmt: skip
-        new_links = self._resolve(points) if self._links is not None else []
+        if self._links is not None:
+            self._resolve(points)
         for archive, point in points:
             if self._halted():
                 break
             self._replay_file(archive, point, options)
         self._finish_sending()
         if self._links is not None and not self._halted():
-            self._merge(new_links)
+            self._merge()
         self._report_progress(final=not self._halted())
         self._summary.interrupted = self._stop.requested
 
@@ -173,15 +173,13 @@ class _Replay:
         if self._sink.error is not None:
             raise self._sink.error
 
-    def _merge(self, new_links: list[Link]) -> None:
-        """After the replay: plan the merges of profiles this run created, make the
-        profiles to keep that this shard holds nothing for, then send every merge whose
-        two profiles Braze acknowledged (identity.md; across shards: docs/scale.md)."""
+    def _merge(self) -> None:
+        """After the replay: make the profiles to keep that this shard holds nothing for,
+        then send every merge whose two profiles Braze acknowledged (identity.md; across
+        shards: docs/scale.md). Merges are planned when a link is recorded for a profile
+        Braze holds (`_resolve`), and when Braze acknowledges a profile under an id
+        already linked (State.commit)."""
         state = self._state
-        # Profiles this run created may need one too: users an alias call renames, and
-        # aliases sent for lines that arrived before their link (shards).
-        plan_merges(state, new_links + [Link(anonymous_id, external_id, "") for anonymous_id,
-                                        external_id in self._linked_aliases.items()])  # fmt: skip
         forgotten = self._forgotten.reason if self._forgotten is not None else (lambda user: None)
         keeps = [user for user in state.keeps_to_make() if not forgotten(user)]
         if keeps:
@@ -194,7 +192,7 @@ class _Replay:
                     self._output, self._config.diff, forgotten,
                     shard.holds if shard is not None else (lambda user: True))  # fmt: skip
 
-    def _resolve(self, points: list) -> list[Link]:
+    def _resolve(self, points: list) -> None:
         """The first pass, with --anonymous alias: find who anonymous visitors are in the
         lines this run will read, record it, and plan the merges of profiles Braze holds."""
         links = self._links
@@ -224,7 +222,6 @@ class _Replay:
             )  # fmt: skip
         self._state.record_links((n.anonymous_id, n.external_id, n.time, n.arrived_ns) for n in new)
         plan_merges(self._state, new)
-        return new
 
     def _replay_file(self, archive: ArchiveFile, point: ResumePoint, options: str) -> None:
         summary = self._summary
@@ -274,8 +271,6 @@ class _Replay:
             if kind is Call:
                 if mapped.resolved_from:
                     summary.anonymous_resolved += 1
-                elif links is not self._links and mapped.is_alias:
-                    self._note_linked_alias(mapped.user)
                 if mapped.drops or mapped.rejected_objects:
                     self._dead_letter_parts(path, number, mapped, record)
                 add((number, len(raw), mapped))
@@ -298,15 +293,6 @@ class _Replay:
         self._bytes_before += archive.size or reader.bytes_read
         summary.bytes_read = self._bytes_before
         self._ledger.close_file(progress)
-
-    def _note_linked_alias(self, user: str) -> None:
-        """An alias line a link could not resolve: the file arrived before the link's
-        (shards, ArrivedLinks). Its alias profile is merged into the user after the replay."""
-        anonymous_id = user[2:]
-        if anonymous_id not in self._linked_aliases:
-            external_id = self._links.get(anonymous_id)
-            if external_id is not None:
-                self._linked_aliases[anonymous_id] = external_id
 
     def _decide(self, progress, chunk: list, elsewhere: int, passed_over: bool = False) -> None:
         """Decide a chunk of lines; between slices of it, send what sealed.

@@ -446,6 +446,7 @@ class State:
             cache = self._users
             self._load([user for user in attributes if user not in cache])
             rows = []
+            new_users = []
             for user, effects in attributes.items():
                 cached = cache.get(user)
                 if cached is None:  # evicted by the load above: a commit bigger than the cache
@@ -454,6 +455,8 @@ class State:
                 known, last_run = cached
                 if not effects and known is not None and last_run == run_id:
                     continue  # already known and counted in this run: nothing to write
+                if known is None:
+                    new_users.append((user, user[2:]))
                 merged = {} if known is None else dict(known)
                 merged.update(effects)
                 self._remember(user, (merged, run_id))
@@ -463,6 +466,14 @@ class State:
                 "ON CONFLICT(user) DO UPDATE SET attributes=excluded.attributes, "
                 "run_id=excluded.run_id",
                 rows,
+            )
+            # A profile Braze now holds under an id already linked to a user (an alias
+            # sent before its link applied, a userId an alias call renames) is merged into
+            # that user: planned with the acknowledgement itself, so no stop loses it.
+            db.executemany(
+                "INSERT OR IGNORE INTO merges (merge_from, keep) "
+                "SELECT ?, 'e:' || external_id FROM links WHERE anonymous_id=?",
+                new_users,
             )
             db.executemany("INSERT OR IGNORE INTO delivered (hash, user) VALUES (?, ?)", digests)
             db.executemany(

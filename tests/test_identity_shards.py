@@ -5,9 +5,12 @@ is sent while Braze holds both of its profiles; a second run sends nothing."""
 
 from __future__ import annotations
 
+import collections
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -310,3 +313,82 @@ def test_cli_workers_and_shards_send_the_demo_story_alike(tmp_path):
         results[name] = (profiles, sum(s["events_sent"] for s in summaries))
     assert results["workers"] == results["one"]
     assert results["shards"] == results["one"]
+
+
+def _visitors_archive(logs: Path, visitors: int = 240) -> None:
+    """Night 1: every visitor browses anonymously (two files). Night 2: two in three sign
+    up, some users on two devices, and browse on; the rest stay anonymous."""
+    night_1: list[list[dict]] = [[], []]
+    night_2: list[dict] = []
+    for index in range(visitors):
+        anon = f"visitor-{index:04d}"
+        for step in range(3):
+            night_1[step % 2].append(_track(f"Browse {index}.{step}", None, anon, T1))
+        if index % 3:
+            user = f"user-{index // 2:04d}"  # visitors 2k and 2k+1: one user, two devices
+            night_2.append(segment("identify", user, T2, anonymousId=anon,
+                                   traits={"plan": "pro", "devices": index % 2 + 1}))  # fmt: skip
+            night_2.append(_track(f"Signed Up {index}", user, anon, T3))
+        night_2.append(_track(f"Came Back {index}", None, anon, T4))
+    for number, lines in enumerate([*night_1, night_2]):
+        write_archive(logs / f"src/17095{number}0000000/part-{number}.gz", lines)
+
+
+def _events_by_profile(fake: FakeBraze) -> dict[str, list[tuple]]:
+    where = {}
+    for profile in fake.profiles():
+        key = profile["external_id"] or "alias:" + profile["user_aliases"][0]["alias_name"]
+        where[key] = sorted((event["name"], event["time"]) for event in profile["events"])
+    return where
+
+
+def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
+    """--workers 2 --anonymous alias, one worker killed with -9 while visitors' histories
+    go to alias profiles and users: the same command resumes, and Braze ends as after one
+    undisturbed process, but for at most the killed worker's requests in flight."""
+    logs = tmp_path / "logs"
+    _visitors_archive(logs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRAZE_", "SEGREPLAY_"))}
+
+    def command(fake: FakeBraze, work: Path, *options: str) -> list[str]:
+        return [sys.executable, "-m", "segreplay", "import", str(logs), "--anonymous", "alias",
+                "--endpoint", fake.url, "--api-key", KEY, "--state", str(work / "state.sqlite"),
+                "--dead-letter", str(work / "dead-letter.jsonl"), "--json", *options]  # fmt: skip
+
+    (tmp_path / "one").mkdir()
+    with FakeBraze(api_key=KEY) as fake:
+        done = subprocess.run(command(fake, tmp_path / "one"), cwd=tmp_path, env=env,
+                              capture_output=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        expected = _events_by_profile(fake)
+    assert sum(1 for key in expected if key.startswith("alias:")) == 80  # never signed up
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    with FakeBraze(api_key=KEY, latency_ms=40.0) as fake:
+        argv = command(fake, work, "--workers", "2", "--concurrency", "2")
+        process = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while fake.stats()["requests"] < 4:
+            assert process.poll() is None, process.communicate()[1].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+            workers = [int(pid) for pid in children.read().split()
+                       if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1, stderr.decode()
+        again = subprocess.run(argv, cwd=work, env=env, capture_output=True, timeout=120)
+        assert again.returncode == 0, again.stderr.decode()
+        got = _events_by_profile(fake)
+        assert fake.not_applied() == 0
+    assert set(got) == set(expected)  # the same profiles: no alias left for a user
+    extra = 0
+    for key, events in expected.items():
+        missing = collections.Counter(events) - collections.Counter(got[key])
+        assert not missing, f"{key} lost {sorted(missing)}"
+        extra += len(got[key]) - len(events)
+    assert extra <= 2 * 75  # only the killed worker's requests in flight go twice

@@ -33,3 +33,20 @@ def test_a_user_not_prefetched_is_read_when_asked_for(tmp_path, monkeypatch):
     assert state.user_attributes("e:never") is None
     assert len(statements) == 2
     state.close()
+
+
+def test_a_profile_acknowledged_under_a_linked_id_plans_its_merge_in_the_same_commit(tmp_path):
+    """An alias profile sent before its link applied (shards), or a userId an alias call
+    renames: the merge is recorded with the acknowledgement, so a run stopped right after
+    it still sends the merge next time."""
+    state = State(str(tmp_path / "state.sqlite"))
+    run = state.start_run("2026-11-30T00:00:00.000Z")
+    state.record_links([("anon-1", "user-1", "2024-01-01T00:00:00.000Z", 5),
+                        ("old-id", "new-id", "2024-01-01T00:00:00.000Z", 5)])  # fmt: skip
+    state.commit(run, {"a:anon-1": {}, "e:old-id": {}, "e:user-1": {}, "a:anon-2": {}}, [], [])
+    assert state.pending_merges() == [("a:anon-1", "e:user-1")]  # new-id: not known yet
+    state.commit(run, {"e:new-id": {}}, [], [])
+    assert state.pending_merges() == [("a:anon-1", "e:user-1"), ("e:old-id", "e:new-id")]
+    state.commit(run, {"a:anon-1": {"plan": ["pro", "2024-01-02T00:00:00.000Z"]}}, [], [])
+    assert len(state.pending_merges()) == 2  # once: a profile already known plans nothing
+    state.close()
