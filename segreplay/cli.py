@@ -662,6 +662,8 @@ def fake_braze_command(rate: str, user_ops_rate: str, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def status_command(state_path: str, as_json: bool) -> None:
     """What the state holds: files done and partly done, last runs and their summaries.
+    A state kept in shards (--workers, --shard) is shown shard by shard; with --json,
+    one object: {"state": ..., "shards": [each shard's object]}.
 
     \b
     Example:
@@ -669,27 +671,35 @@ def status_command(state_path: str, as_json: bool) -> None:
     """
     import os
 
-    from segreplay.sharding import shard_hint
+    from segreplay.sharding import kept_in, shard_paths
     from segreplay.state import State
 
-    if not os.path.exists(state_path):
-        hint = shard_hint(state_path) or "pass --state PATH"
-        raise click.UsageError(f"{state_path}: no state file here\nHint: {hint}")
     try:
-        state = State(state_path)
+        count = kept_in(state_path)
+        paths = [path for path in shard_paths(state_path, count) if os.path.exists(path)]
+        if not paths:
+            raise UsageError(f"{state_path}: no state file here", "pass --state PATH")
+        reports = []
+        for path in paths:
+            state = State(path)
+            try:
+                reports.append(state.report())
+            finally:
+                state.close()
     except SegreplayError as error:
         _fail(error)
-    try:
-        report = state.report()
-    finally:
-        state.close()
+    sharded = count > 1
     if as_json:
         from segreplay.jsonutil import dumps
 
-        click.echo(dumps(report).decode())
-    else:
-        from segreplay.progress import print_status
+        whole = {"state": state_path, "shards": reports} if sharded else reports[0]
+        click.echo(dumps(whole).decode())
+        return
+    from segreplay.progress import print_status
 
+    if sharded:
+        click.echo(f"state {state_path} is kept in {count} shards")
+    for report in reports:
         print_status(report)
 
 

@@ -343,6 +343,11 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
         f"{report['files_done']:,} of {report['files']:,} files done, "
         f"{report['deleted_users']:,} deleted users\n"
     )
+    if report.get("links") or report.get("merges_pending"):
+        out.write(
+            f"{report['links']:,} anonymousIds linked to users, "
+            f"{report['merges_pending']:,} merges pending\n"
+        )
     for options, count in report.get("files_by_options", {}).items():
         out.write(f"  {count:,} files read with: {options}\n")
     for item in report["files_in_progress"]:
@@ -354,6 +359,12 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
         out.write(f"  partly done: {item['path']} ({done})\n")
     for run in report["runs"]:
         summary = run["summary"] or {}
+        if "resharded_to" in summary:
+            out.write(
+                f"run {run['id']}: {run['status']}, started {run['started_at']} - resharded "
+                f"from {summary['resharded_from']} to {summary['resharded_to']} shards\n"
+            )
+            continue
         if summary.get("command") == "delete":
             out.write(
                 f"run {run['id']}: {run['status']}, started {run['started_at']} - delete: "
@@ -365,5 +376,7 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
             f"run {run['id']}: {run['status']}, started {run['started_at']}"
             f" - {summary.get('lines', 0):,} lines, {summary.get('requests', 0):,} requests,"
             f" {summary.get('events_sent', 0):,} events, "
-            f"{summary.get('attributes_sent', 0):,} attributes\n"
+            f"{summary.get('attributes_sent', 0):,} attributes"
+            + (f", {summary['merges_sent']:,} merges" if summary.get("merges_sent") else "")
+            + "\n"
         )

@@ -201,21 +201,6 @@ def kept_in(state_path: str) -> int:
     return next(iter(found), 1)
 
 
-def shard_hint(state_path: str) -> str | None:
-    """For `status`, which reads one local file: the shard files to pass instead when the
-    state beside `state_path` is kept in shards."""
-    if state_path.startswith(("s3://", "gs://")):
-        return None
-    sharded = sorted((n, paths) for n, paths in existing_counts(state_path).items() if n > 1)
-    if not sharded:
-        return None
-    count, paths = sharded[0]
-    return (
-        f"the state is kept in {count} shards: pass one of them, e.g. --state {paths[0]} "
-        "(each shard records every deletion)"
-    )
-
-
 def in_shards(count: int) -> str:
     """How a state kept in `count` shards is said: `in one file`, `in 3 shards`."""
     return "in one file" if count == 1 else f"in {count} shards"

@@ -386,8 +386,10 @@ class State:
 
     def report(self, runs: int = 10) -> dict:
         """What `segreplay status` shows: counts, partly done files, the options files
-        were read with, the last runs."""
+        were read with, the last runs. A run still marked running while no process holds
+        the state was killed (kill -9, a lost machine): it says so."""
         checkpoints = self.checkpoints()
+        in_use = StateLock.held(self.path)
         return {
             "state": self.path,
             "schema_version": self.schema_version,
@@ -402,7 +404,8 @@ class State:
             ),
             "runs": [
                 {"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
-                 "status": r.status, "summary": r.summary}
+                 "status": "killed" if r.status == "running" and not in_use else r.status,
+                 "summary": r.summary}
                 for r in self.runs(runs)
             ],
         }  # fmt: skip
@@ -634,3 +637,18 @@ class StateLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    @staticmethod
+    def held(state_path: str) -> bool:
+        """Whether a running segreplay holds the state now."""
+        try:
+            fd = os.open(state_path + ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

@@ -50,3 +50,15 @@ def test_a_profile_acknowledged_under_a_linked_id_plans_its_merge_in_the_same_co
     state.commit(run, {"a:anon-1": {"plan": ["pro", "2024-01-02T00:00:00.000Z"]}}, [], [])
     assert len(state.pending_merges()) == 2  # once: a profile already known plans nothing
     state.close()
+
+
+def test_a_run_still_marked_running_with_nobody_holding_the_state_was_killed(tmp_path):
+    from segreplay.state import StateLock
+
+    path = str(tmp_path / "state.sqlite")
+    state = State(path)
+    state.start_run("2026-11-30T00:00:00.000Z")  # and then the process is gone
+    with StateLock(path):
+        assert [run["status"] for run in state.report()["runs"]] == ["running"]
+    assert [run["status"] for run in state.report()["runs"]] == ["killed"]
+    state.close()
