@@ -719,27 +719,38 @@ def reset_command(state_path: str, yes: bool) -> None:
       segreplay reset --state segreplay-state.sqlite
     """
     import os
+    from contextlib import ExitStack
 
+    from segreplay.sharding import kept_in, shard_paths
     from segreplay.state import State, StateLock
 
-    if not os.path.exists(state_path):
+    try:
+        count = kept_in(state_path)
+    except SegreplayError as error:
+        _fail(error)
+    paths = [path for path in shard_paths(state_path, count) if os.path.exists(path)]
+    if not paths:
         raise click.UsageError(f"{state_path}: no state file here\nHint: pass --state PATH")
+    where = state_path if count == 1 else f"{state_path} (all {count} shards)"
     if not yes:
         click.confirm(
-            f"Forget every delivered event and attribute recorded in {state_path}? The next "
+            f"Forget every delivered event and attribute recorded in {where}? The next "
             "import resends all of them (deleted users stay recorded)",
             abort=True,
         )
     try:
-        with StateLock(state_path):
-            state = State(state_path)
-            try:
-                state.reset()
-            finally:
-                state.close()
+        with ExitStack() as stack:
+            for path in paths:  # every shard locked first: none is reset while one runs
+                stack.enter_context(StateLock(path))
+            for path in paths:
+                state = State(path)
+                try:
+                    state.reset()
+                finally:
+                    state.close()
     except SegreplayError as error:
         _fail(error)
-    click.echo(f"{state_path}: reset; the next import starts from scratch")
+    click.echo(f"{where}: reset; the next import starts from scratch")
 
 
 @cli.command("reshard")

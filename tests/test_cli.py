@@ -155,6 +155,24 @@ def test_status_and_reset(run, archive, tmp_path):
     assert "0 users, 0 delivered messageIds" in run("status", "--state", "state.sqlite").stdout
 
 
+def test_reset_resets_every_shard_and_keeps_their_deletions(run, tmp_path):
+    from segreplay.state import State
+
+    for index in range(2):
+        state = State(str(tmp_path / f"state.shard-{index}-of-2.sqlite"))
+        run_id = state.start_run("2026-11-30T00:00:00.000Z")
+        state.commit(run_id, {f"e:user-{index}": {}}, [(index + 1, 7)], [])
+        state.record_deletions(["e:gone"], "2026-11-30T00:00:00.000Z")
+        state.close()
+    result = run("reset", "--state", "state.sqlite", "--yes")
+    assert result.exit_code == 0, result.output
+    assert (
+        result.stdout == "state.sqlite (all 2 shards): reset; the next import starts from scratch\n"
+    )
+    status = run("status", "--state", "state.sqlite").stdout
+    assert status.count("0 users, 0 delivered messageIds, 0 of 0 files done, 1 deleted users") == 2
+
+
 def test_every_command_has_an_example_and_is_documented():
     docs = (ROOT / "docs" / "cli.md").read_text() + (ROOT / "README.md").read_text()
     for name, command in cli.commands.items():
