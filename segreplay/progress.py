@@ -19,9 +19,10 @@ PLAIN_PROGRESS_EVERY_S = 30.0
 # Summary rows: (key, label). Counts that are zero and marked optional are left out.
 _ROWS = [
     ("lines", "lines read", False),
+    ("lines_elsewhere", "lines read for other shards (--shard)", True),
     ("lines_already_done", "lines already delivered (earlier runs)", True),
     ("files_already_done", "files already done", True),
-    ("skipped_anonymous", skipped_label("skipped_anonymous"), False),
+    ("skipped_anonymous", skipped_label("skipped_anonymous"), True),
     ("skipped_alias", skipped_label("skipped_alias"), True),
     ("skipped_pages", skipped_label("skipped_pages"), True),
     ("skipped_screens", skipped_label("skipped_screens"), True),

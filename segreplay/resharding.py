@@ -68,6 +68,9 @@ def reshard(state_path: str, count: int) -> ReshardResult:
             if path not in new_paths:
                 _remove(path)
                 _remove_side_files(path)
+    for path in old_paths:  # their locks, now let go: nothing is left to lock
+        if path not in new_paths:
+            _remove(path + ".lock")
     return ReshardResult(old_count, count, new_paths, users, digests, len(checkpoints), dropped)
 
 
