@@ -175,6 +175,8 @@ class State:
             ) from error
         # user -> (attributes or None when not in state, last run that delivered to it)
         self._users: OrderedDict[str, tuple[dict | None, int | None]] = OrderedDict()
+        # Whether any link is recorded: without one, a new user needs no merge (commit).
+        self._has_links = self._db.execute("SELECT 1 FROM links LIMIT 1").fetchone() is not None
 
     # schema ----------------------------------------------------------------------------
 
@@ -317,6 +319,8 @@ class State:
     def record_links(self, links: Iterable[tuple[str, str, str, int | None]]) -> None:
         """(anonymous_id, external_id, time, arrived_ns) rows, in one transaction. A link
         already recorded keeps its user; an earlier arrival of the same link is kept."""
+        links = list(links)
+        self._has_links = self._has_links or bool(links)
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO links (anonymous_id, external_id, time, arrived_ns) "
@@ -473,11 +477,12 @@ class State:
             # A profile Braze now holds under an id already linked to a user (an alias
             # sent before its link applied, a userId an alias call renames) is merged into
             # that user: planned with the acknowledgement itself, so no stop loses it.
-            db.executemany(
-                "INSERT OR IGNORE INTO merges (merge_from, keep) "
-                "SELECT ?, 'e:' || external_id FROM links WHERE anonymous_id=?",
-                new_users,
-            )
+            if self._has_links:
+                db.executemany(
+                    "INSERT OR IGNORE INTO merges (merge_from, keep) "
+                    "SELECT ?, 'e:' || external_id FROM links WHERE anonymous_id=?",
+                    new_users,
+                )
             db.executemany("INSERT OR IGNORE INTO delivered (hash, user) VALUES (?, ?)", digests)
             db.executemany(
                 "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns, "
