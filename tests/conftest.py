@@ -36,6 +36,35 @@ def track(event, user_id="u1", time="2024-03-05T14:03:22.083Z", messageId=None, 
     return segment("track", user_id, time, event=event, properties=properties, **ids)
 
 
+def visit(name: str, user: str | None, anon: str | None, time: str) -> dict:
+    """A track line of an identity story; `anon` None leaves anonymousId out (a
+    server-side call), `user` None makes it anonymous."""
+    line = segment("track", user, time, event=name, properties={}, anonymousId=anon)
+    if anon is None:
+        del line["anonymousId"]
+    return line
+
+
+def alias_call(previous: str, user: str, time: str) -> dict:
+    return segment("alias", user, time, previousId=previous)
+
+
+def events_by_profile(fake, with_time: bool = False) -> dict[str, list]:
+    """Each profile the fake holds (its external_id, or 'alias:<name>' when alias-only)
+    and its events, sorted: their names, or (name, time)."""
+    profiles = {}
+    for profile in fake.profiles():
+        key = profile["external_id"]
+        if key is None:
+            (alias,) = profile["user_aliases"]
+            key = "alias:" + alias["alias_name"]
+        events = profile["events"]
+        profiles[key] = sorted(
+            (event["name"], event["time"]) if with_time else event["name"] for event in events
+        )
+    return profiles
+
+
 def write_archive(path: Path, lines: list, compress: bool = True) -> Path:
     """Lines are dicts (encoded as JSON) or raw bytes (written as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,3 +157,13 @@ class ScheduledSink:
 
     def close(self) -> None:
         pass
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 (s3server.LocalS3), one per test process."""
+    from s3server import LocalS3
+
+    server = LocalS3()
+    yield server
+    server.stop()

@@ -44,12 +44,17 @@ class LocalS3:
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         }
 
-    def upload_tree(self, bucket: str, root: Path, prefix: str) -> list[str]:
-        """Every file under `root` as `prefix/<relative path>`; the bucket is made if new."""
+    def bucket(self, name: str) -> str:
+        """The bucket `name`, made if new."""
         try:
-            self.client.create_bucket(Bucket=bucket)
+            self.client.create_bucket(Bucket=name)
         except self.client.exceptions.BucketAlreadyOwnedByYou:
             pass
+        return name
+
+    def upload_tree(self, bucket: str, root: Path, prefix: str) -> list[str]:
+        """Every file under `root` as `prefix/<relative path>`; the bucket is made if new."""
+        self.bucket(bucket)
         keys = []
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             key = f"{prefix}/{path.relative_to(root).as_posix()}"

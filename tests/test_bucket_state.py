@@ -23,11 +23,9 @@ BUCKET = "replay-state"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = LocalS3()
-    server.client.create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+def s3(s3):
+    s3.bucket(BUCKET)
+    return s3
 
 
 @pytest.fixture(scope="module")

@@ -374,13 +374,9 @@ BUCKET = "delete-shards"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from s3server import LocalS3
-
-    server = LocalS3()
-    server.client.create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+def s3(s3):
+    s3.bucket(BUCKET)
+    return s3
 
 
 def test_a_state_in_a_bucket_is_deleted_from_in_every_shard_object(archive, s3, tmp_path):

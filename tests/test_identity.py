@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import segment, write_archive
+from conftest import alias_call, events_by_profile, segment, visit, write_archive
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.delivery import BrazeSink
@@ -29,20 +29,8 @@ KEY = "identity-test-key"
 T1, T2, T3, T4, T5 = (f"2024-03-0{day}T10:00:00.000Z" for day in range(1, 6))
 
 
-def _track(name: str, user: str | None, anon: str | None, time: str) -> dict:
-    """A track line; `anon` None leaves anonymousId out (a server-side call)."""
-    line = segment("track", user, time, event=name, properties={}, anonymousId=anon)
-    if anon is None:
-        del line["anonymousId"]
-    return line
-
-
 def _identify(user: str, anon: str, time: str, **traits) -> dict:
     return segment("identify", user, time, anonymousId=anon, traits=traits)
-
-
-def _alias_call(previous: str, user: str, time: str) -> dict:
-    return segment("alias", user, time, previousId=previous)
 
 
 def _alias(anonymous_id: str) -> dict:
@@ -94,16 +82,7 @@ class Replays:
         return [request.path for request in self.fake.requests()]
 
     def where(self) -> dict[str, list[str]]:
-        """Each profile (its external_id, or 'alias:<name>' when alias-only) and the
-        names of the events it holds, sorted."""
-        profiles = {}
-        for profile in self.fake.profiles():
-            key = profile["external_id"]
-            if key is None:
-                (alias,) = profile["user_aliases"]
-                key = "alias:" + alias["alias_name"]
-            profiles[key] = sorted(event["name"] for event in profile["events"])
-        return profiles
+        return events_by_profile(self.fake)
 
     def assert_final(self, expected: dict[str, list[str]]) -> None:
         """The fake holds exactly these profiles and events, nothing was dropped, and a
@@ -132,10 +111,10 @@ def replays(fake, tmp_path):
 
 def test_anonymous_lines_before_the_identify_in_one_file(replays):
     replays.add_file([
-        _track("Viewed Home", None, "anon-a", T1),
-        _track("Viewed Pricing", None, "anon-a", T2),
+        visit("Viewed Home", None, "anon-a", T1),
+        visit("Viewed Pricing", None, "anon-a", T2),
         _identify("user-1", "anon-a", T3, first_name="Ada"),
-        _track("Subscribed", "user-1", "anon-a", T4),
+        visit("Subscribed", "user-1", "anon-a", T4),
     ])  # fmt: skip
     summary = replays.run()
     assert summary.anonymous_resolved == 2
@@ -147,8 +126,8 @@ def test_anonymous_lines_before_the_identify_in_one_file(replays):
 
 
 def test_anonymous_lines_in_a_file_before_the_one_with_the_identify(replays):
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
-    replays.add_file([_identify("user-1", "anon-a", T2), _track("Subscribed", "user-1", None, T3)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([_identify("user-1", "anon-a", T2), visit("Subscribed", "user-1", None, T3)])
     summary = replays.run()
     assert (summary.anonymous_resolved, summary.aliases_created, summary.merges_sent) == (1, 0, 0)
     replays.assert_final({"user-1": ["Viewed Home", "Subscribed"]})
@@ -157,8 +136,8 @@ def test_anonymous_lines_in_a_file_before_the_one_with_the_identify(replays):
 def test_anonymous_lines_after_the_identify(replays):
     replays.add_file([
         _identify("user-1", "anon-a", T1),
-        _track("Viewed Home", None, "anon-a", T2),
-        _track("Logged Out Browse", None, "anon-a", T3),
+        visit("Viewed Home", None, "anon-a", T2),
+        visit("Logged Out Browse", None, "anon-a", T3),
     ])  # fmt: skip
     summary = replays.run()
     assert (summary.anonymous_resolved, summary.aliases_created) == (2, 0)
@@ -167,10 +146,10 @@ def test_anonymous_lines_after_the_identify(replays):
 
 def test_two_devices_in_one_run_need_no_merge(replays):
     replays.add_file([
-        _track("Phone Browse", None, "anon-phone", T1),
-        _track("Laptop Browse", None, "anon-laptop", T2),
+        visit("Phone Browse", None, "anon-phone", T1),
+        visit("Laptop Browse", None, "anon-laptop", T2),
         _identify("user-1", "anon-phone", T3),
-        _track("Subscribed", "user-1", "anon-laptop", T4),
+        visit("Subscribed", "user-1", "anon-laptop", T4),
     ])  # fmt: skip
     summary = replays.run()
     assert (summary.anonymous_resolved, summary.merges_sent) == (2, 0)
@@ -179,9 +158,9 @@ def test_two_devices_in_one_run_need_no_merge(replays):
 
 def test_alias_call_with_an_anonymous_previous_id(replays):
     replays.add_file([
-        _track("Viewed Home", None, "anon-a", T1),
-        _alias_call("anon-a", "user-1", T2),
-        _track("Subscribed", "user-1", None, T3),
+        visit("Viewed Home", None, "anon-a", T1),
+        alias_call("anon-a", "user-1", T2),
+        visit("Subscribed", "user-1", None, T3),
     ])  # fmt: skip
     summary = replays.run()
     assert summary.anonymous_resolved == 1
@@ -190,9 +169,9 @@ def test_alias_call_with_an_anonymous_previous_id(replays):
 
 def test_alias_call_between_two_user_ids_in_one_run_merges_the_previous_one(replays):
     replays.add_file([
-        _track("Old Account Event", "old-id", None, T1),
-        _alias_call("old-id", "new-id", T2),
-        _track("New Account Event", "new-id", None, T3),
+        visit("Old Account Event", "old-id", None, T1),
+        alias_call("old-id", "new-id", T2),
+        visit("New Account Event", "new-id", None, T3),
     ])  # fmt: skip
     summary = replays.run()
     assert summary.merges_sent == 1
@@ -206,9 +185,9 @@ def test_alias_call_between_two_user_ids_in_one_run_merges_the_previous_one(repl
 
 def test_an_anonymous_forever_visitor_keeps_an_alias_profile(replays):
     replays.add_file([
-        _track("Viewed Home", None, "anon-lurker", T1),
+        visit("Viewed Home", None, "anon-lurker", T1),
         segment("identify", None, T2, anonymousId="anon-lurker", traits={"plan": "free"}),
-        _track("Viewed Pricing", None, "anon-lurker", T3),
+        visit("Viewed Pricing", None, "anon-lurker", T3),
         _identify("user-1", "anon-other", T4),
     ])  # fmt: skip
     summary = replays.run()
@@ -221,8 +200,8 @@ def test_an_anonymous_forever_visitor_keeps_an_alias_profile(replays):
 def test_a_shared_device_keeps_its_first_link_by_event_time(replays):
     # Read first but later by event time: user-2's line loses anon-shared to user-1.
     replays.add_file([
-        _track("Second Person Event", "user-2", "anon-shared", T3),
-        _track("Anonymous Browse", None, "anon-shared", T2),
+        visit("Second Person Event", "user-2", "anon-shared", T3),
+        visit("Anonymous Browse", None, "anon-shared", T2),
         _identify("user-1", "anon-shared", T1),
     ])  # fmt: skip
     summary = replays.run()
@@ -241,13 +220,13 @@ def test_a_shared_device_keeps_its_first_link_by_event_time(replays):
 
 
 def test_a_later_run_finds_the_link_and_identifies_the_alias_profile(replays):
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     first = replays.run()
     assert first.aliases_created == 1
     assert replays.where() == {"alias:anon-a": ["Viewed Home"]}
 
     replays.add_file([
-        _track("Viewed Pricing", None, "anon-a", T2),
+        visit("Viewed Pricing", None, "anon-a", T2),
         _identify("user-1", "anon-a", T3, first_name="Ada"),
     ])  # fmt: skip
     second = replays.run()
@@ -258,7 +237,7 @@ def test_a_later_run_finds_the_link_and_identifies_the_alias_profile(replays):
     assert profile["user_aliases"] == [_alias("anon-a")]  # the alias now belongs to user-1
     assert replays.fake.profile(user_alias=_alias("anon-a")) == profile
 
-    replays.add_file([_track("Came Back Logged Out", None, "anon-a", T4)])  # the link holds
+    replays.add_file([visit("Came Back Logged Out", None, "anon-a", T4)])  # the link holds
     third = replays.run()
     assert (third.anonymous_resolved, third.merges_sent) == (1, 0)
     replays.assert_final({"user-1": ["Viewed Home", "Viewed Pricing", "Came Back Logged Out"]})
@@ -266,14 +245,14 @@ def test_a_later_run_finds_the_link_and_identifies_the_alias_profile(replays):
 
 def test_two_devices_across_runs_identify_the_first_and_merge_the_second(replays):
     replays.add_file([
-        _track("Phone Browse", None, "anon-phone", T1),
-        _track("Laptop Browse", None, "anon-laptop", T2),
+        visit("Phone Browse", None, "anon-phone", T1),
+        visit("Laptop Browse", None, "anon-laptop", T2),
     ])  # fmt: skip
     assert replays.run().aliases_created == 2
 
     replays.add_file([
         _identify("user-1", "anon-phone", T3),
-        _track("Subscribed", "user-1", "anon-laptop", T4),
+        visit("Subscribed", "user-1", "anon-laptop", T4),
     ])  # fmt: skip
     summary = replays.run()
     assert summary.merges_sent == 2
@@ -286,13 +265,13 @@ def test_two_devices_across_runs_identify_the_first_and_merge_the_second(replays
 
 
 def test_a_third_device_in_a_later_run_is_merged_not_identified(replays):
-    replays.add_file([_track("Phone Browse", None, "anon-phone", T1)])
+    replays.add_file([visit("Phone Browse", None, "anon-phone", T1)])
     replays.run()
     replays.add_file([_identify("user-1", "anon-phone", T2)])
     assert replays.run().merges_sent == 1  # identify: user-1 now holds an alias
-    replays.add_file([_track("Tablet Browse", None, "anon-tablet", T3)])
+    replays.add_file([visit("Tablet Browse", None, "anon-tablet", T3)])
     replays.run()
-    replays.add_file([_track("Subscribed", "user-1", "anon-tablet", T4)])
+    replays.add_file([visit("Subscribed", "user-1", "anon-tablet", T4)])
     assert replays.run().merges_sent == 1
     assert replays.paths().count(IDENTIFY_PATH) == 1
     assert replays.paths().count(MERGE_PATH) == 1
@@ -300,11 +279,11 @@ def test_a_third_device_in_a_later_run_is_merged_not_identified(replays):
 
 
 def test_alias_call_in_a_later_run_merges_the_earlier_user_id(replays):
-    replays.add_file([_track("Old Account Event", "old-id", None, T1)])
+    replays.add_file([visit("Old Account Event", "old-id", None, T1)])
     replays.run()
     replays.add_file([
-        _alias_call("old-id", "new-id", T2),
-        _track("New Account Event", "new-id", None, T3),
+        alias_call("old-id", "new-id", T2),
+        visit("New Account Event", "new-id", None, T3),
     ])  # fmt: skip
     assert replays.run().merges_sent == 1
     assert replays.fake.profile("old-id") is None
@@ -312,11 +291,9 @@ def test_alias_call_in_a_later_run_merges_the_earlier_user_id(replays):
 
 
 def test_alias_call_in_a_later_run_identifies_an_anonymous_previous_id(replays):
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     replays.run()
-    replays.add_file(
-        [_alias_call("anon-a", "user-1", T2), _track("Subscribed", "user-1", None, T3)]
-    )
+    replays.add_file([alias_call("anon-a", "user-1", T2), visit("Subscribed", "user-1", None, T3)])
     assert replays.run().merges_sent == 1
     assert replays.paths().count(IDENTIFY_PATH) == 1
     replays.assert_final({"user-1": ["Viewed Home", "Subscribed"]})
@@ -326,8 +303,8 @@ def test_a_conflict_with_a_link_an_earlier_run_recorded(replays):
     replays.add_file([_identify("user-1", "anon-shared", T1)])
     replays.run()
     replays.add_file([
-        _track("Second Person Event", "user-2", "anon-shared", T2),
-        _track("Anonymous Browse", None, "anon-shared", T3),
+        visit("Second Person Event", "user-2", "anon-shared", T2),
+        visit("Anonymous Browse", None, "anon-shared", T3),
     ])  # fmt: skip
     summary = replays.run()
     assert (summary.identity_conflicts, summary.anonymous_resolved) == (1, 1)
@@ -353,13 +330,13 @@ class _CrashOnFirstMerge:
 
 def test_a_crash_between_track_and_merge_resumes_into_the_merge(replays, fake):
     replays.add_file([
-        _track("Phone Browse", None, "anon-phone", T1),
-        _track("Laptop Browse", None, "anon-laptop", T1),
+        visit("Phone Browse", None, "anon-phone", T1),
+        visit("Laptop Browse", None, "anon-laptop", T1),
     ])  # fmt: skip
     replays.run()
     replays.add_file([
         _identify("user-1", "anon-phone", T2),
-        _track("Subscribed", "user-1", "anon-laptop", T3),
+        visit("Subscribed", "user-1", "anon-laptop", T3),
     ])  # fmt: skip
     ops = UserOps(DeliveryOptions(endpoint=fake.url, api_key=KEY))
     crash = _CrashOnFirstMerge(ops.deliver)
@@ -381,7 +358,7 @@ def test_a_crash_between_track_and_merge_resumes_into_the_merge(replays, fake):
 
 def test_a_refused_merge_is_dead_lettered_and_not_retried(replays, fake):
     """A merge Braze refuses (400) is final: counted, written down, and not sent again."""
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     replays.run()
     replays.add_file([_identify("user-1", "anon-a", T2)])
 
@@ -413,10 +390,10 @@ def _cli(fake: FakeBraze, work: Path, *args: str) -> dict:
 
 
 def test_cli_cron_runs_merge_once(replays, fake, tmp_path):
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     first = _cli(fake, tmp_path)
     assert first["aliases_created"] == 1
-    replays.add_file([_identify("user-1", "anon-a", T2), _track("Paid", None, "anon-a", T5)])
+    replays.add_file([_identify("user-1", "anon-a", T2), visit("Paid", None, "anon-a", T5)])
     second = _cli(fake, tmp_path)
     assert (second["merges_sent"], second["anonymous_resolved"]) == (1, 1)
     assert _cli(fake, tmp_path)["merges_sent"] == 0
@@ -425,7 +402,7 @@ def test_cli_cron_runs_merge_once(replays, fake, tmp_path):
 
 
 def test_a_pending_merge_naming_a_suppressed_user_waits(replays):
-    replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+    replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     replays.run()
     replays.add_file([_identify("user-1", "anon-a", T2)])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import segment, write_archive
+from conftest import alias_call, events_by_profile, segment, visit, write_archive
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.delivery import BrazeSink
@@ -33,27 +33,16 @@ KEY = "identity-shards-key"
 T1, T2, T3, T4, T5 = (f"2024-03-0{day}T10:00:00.000Z" for day in range(1, 6))
 
 
-def _track(name: str, user: str | None, anon: str | None, time: str) -> dict:
-    line = segment("track", user, time, event=name, properties={}, anonymousId=anon)
-    if anon is None:
-        del line["anonymousId"]
-    return line
-
-
-def _alias_call(previous: str, user: str, time: str) -> dict:
-    return segment("alias", user, time, previousId=previous)
-
-
 # The story, a list of files per cron run; and where Braze must end up.
 RUNS = [
     [
         [
-            _track("Phone Browse", None, "anon-phone", T1),
-            _track("Laptop Browse", None, "anon-laptop", T1),
-            _track("Lurk", None, "anon-lurker", T1),  # never linked: keeps its alias profile
-            _track("Old Account Event", "old-id", None, T1),
-            _track("Viewed Home", None, "anon-a", T1),
-            _track("Before Signup", None, "anon-x", T1),  # linked in the same run: no merge
+            visit("Phone Browse", None, "anon-phone", T1),
+            visit("Laptop Browse", None, "anon-laptop", T1),
+            visit("Lurk", None, "anon-lurker", T1),  # never linked: keeps its alias profile
+            visit("Old Account Event", "old-id", None, T1),
+            visit("Viewed Home", None, "anon-a", T1),
+            visit("Before Signup", None, "anon-x", T1),  # linked in the same run: no merge
             segment("identify", "user-2", T2, anonymousId="anon-x", traits={"plan": "pro"}),
         ]
     ],
@@ -62,15 +51,15 @@ RUNS = [
             segment(
                 "identify", "user-1", T2, anonymousId="anon-phone", traits={"first_name": "Ada"}
             ),
-            _track("Subscribed", "user-1", "anon-laptop", T3),  # a second device
-            _alias_call("old-id", "new-id", T2),  # a userId renamed
-            _track("New Account Event", "new-id", None, T3),
-            _alias_call("anon-a", "user-3", T2),  # user-3 has no line of its own
-            _track("Phone Again", None, "anon-phone", T4),  # after the link: sent as user-1
+            visit("Subscribed", "user-1", "anon-laptop", T3),  # a second device
+            alias_call("old-id", "new-id", T2),  # a userId renamed
+            visit("New Account Event", "new-id", None, T3),
+            alias_call("anon-a", "user-3", T2),  # user-3 has no line of its own
+            visit("Phone Again", None, "anon-phone", T4),  # after the link: sent as user-1
         ]
     ],
-    [[_track("Tablet Browse", None, "anon-tablet", T4)]],
-    [[_track("Tablet Signup", "user-1", "anon-tablet", T5)]],  # a third device
+    [[visit("Tablet Browse", None, "anon-tablet", T4)]],
+    [[visit("Tablet Signup", "user-1", "anon-tablet", T5)]],  # a third device
 ]
 FINAL = {
     "user-1": ["Laptop Browse", "Phone Again", "Phone Browse", "Subscribed", "Tablet Browse",
@@ -160,14 +149,7 @@ class ShardedReplays:
         return merge_summaries(summaries)
 
     def where(self) -> dict[str, list[str]]:
-        profiles = {}
-        for profile in self.fake.profiles():
-            key = profile["external_id"]
-            if key is None:
-                (alias,) = profile["user_aliases"]
-                key = "alias:" + alias["alias_name"]
-            profiles[key] = sorted(event["name"] for event in profile["events"])
-        return profiles
+        return events_by_profile(self.fake)
 
 
 def _crossing(count: int) -> list[tuple[str, str]]:
@@ -220,12 +202,12 @@ def test_a_shard_that_missed_a_night_catches_up_without_duplicates_or_loss(misse
     with FakeBraze(api_key=KEY) as fake:
         replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
         try:
-            replays.add_file([_track("Viewed Pricing", None, "9a2b-phone", T1),
-                              _track("Product Viewed", None, "9a2b-phone", T2)])  # fmt: skip
+            replays.add_file([visit("Viewed Pricing", None, "9a2b-phone", T1),
+                              visit("Product Viewed", None, "9a2b-phone", T2)])  # fmt: skip
             replays.run(only=(1 - missed,))
             replays.add_file([
                 segment("identify", "usr_demo_ada", T3, anonymousId="9a2b-phone", traits={}),
-                _track("Signed Up", "usr_demo_ada", "9a2b-phone", T4),
+                visit("Signed Up", "usr_demo_ada", "9a2b-phone", T4),
             ])  # fmt: skip
             replays.run()
             assert replays.run().requests == 0
@@ -246,9 +228,9 @@ def test_a_merge_into_another_shards_user_makes_that_profile_first(tmp_path):
     with FakeBraze(api_key=KEY) as fake:
         replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
         try:
-            replays.add_file([_track("Viewed Home", None, "anon-a", T1)])
+            replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
             replays.run()
-            replays.add_file([_alias_call("anon-a", "user-3", T2)])
+            replays.add_file([alias_call("anon-a", "user-3", T2)])
             replays.user_ops.crash_next = True
             with pytest.raises(KeyboardInterrupt):
                 replays.run()
@@ -323,23 +305,15 @@ def _visitors_archive(logs: Path, visitors: int = 240) -> None:
     for index in range(visitors):
         anon = f"visitor-{index:04d}"
         for step in range(3):
-            night_1[step % 2].append(_track(f"Browse {index}.{step}", None, anon, T1))
+            night_1[step % 2].append(visit(f"Browse {index}.{step}", None, anon, T1))
         if index % 3:
             user = f"user-{index // 2:04d}"  # visitors 2k and 2k+1: one user, two devices
             night_2.append(segment("identify", user, T2, anonymousId=anon,
                                    traits={"plan": "pro", "devices": index % 2 + 1}))  # fmt: skip
-            night_2.append(_track(f"Signed Up {index}", user, anon, T3))
-        night_2.append(_track(f"Came Back {index}", None, anon, T4))
+            night_2.append(visit(f"Signed Up {index}", user, anon, T3))
+        night_2.append(visit(f"Came Back {index}", None, anon, T4))
     for number, lines in enumerate([*night_1, night_2]):
         write_archive(logs / f"src/17095{number}0000000/part-{number}.gz", lines)
-
-
-def _events_by_profile(fake: FakeBraze) -> dict[str, list[tuple]]:
-    where = {}
-    for profile in fake.profiles():
-        key = profile["external_id"] or "alias:" + profile["user_aliases"][0]["alias_name"]
-        where[key] = sorted((event["name"], event["time"]) for event in profile["events"])
-    return where
 
 
 def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
@@ -360,7 +334,7 @@ def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
         done = subprocess.run(command(fake, tmp_path / "one"), cwd=tmp_path, env=env,
                               capture_output=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()
-        expected = _events_by_profile(fake)
+        expected = events_by_profile(fake, with_time=True)
     assert sum(1 for key in expected if key.startswith("alias:")) == 80  # never signed up
 
     work = tmp_path / "killed"
@@ -383,7 +357,7 @@ def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
         assert process.returncode == 1, stderr.decode()
         again = subprocess.run(argv, cwd=work, env=env, capture_output=True, timeout=120)
         assert again.returncode == 0, again.stderr.decode()
-        got = _events_by_profile(fake)
+        got = events_by_profile(fake, with_time=True)
         assert fake.not_applied() == 0
     assert set(got) == set(expected)  # the same profiles: no alias left for a user
     extra = 0

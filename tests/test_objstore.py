@@ -20,7 +20,7 @@ import pytest
 from conftest import identify, track, write_archive
 from moto import settings as moto_settings
 from obstore.store import GCSStore, MemoryStore
-from s3server import CuttingProxy, LocalS3
+from s3server import CuttingProxy
 
 from segreplay.errors import UsageError
 from segreplay.fake import FakeBraze
@@ -35,13 +35,6 @@ if str(ROOT) not in sys.path:
 from samples.generate import generate  # noqa: E402
 
 KEY = "objstore-test-key"
-
-
-@pytest.fixture(scope="session")
-def s3():
-    server = LocalS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
