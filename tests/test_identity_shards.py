@@ -16,6 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import alias_call, events_by_profile, segment, visit, write_archive
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from segreplay.config import DeliveryOptions, MappingOptions, RunConfig
 from segreplay.delivery import BrazeSink
@@ -127,7 +129,7 @@ class ShardedReplays:
         write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
 
     def run(self, only: tuple[int, ...] | None = None) -> Summary:
-        """Each shard's run (`only` these: the others missed this cron night)."""
+        """Each shard's run (`only` these, in that order: the others missed this night)."""
         options = DeliveryOptions(endpoint=self.fake.url, api_key=KEY)
         config = RunConfig(
             sources=(str(self.logs),),
@@ -143,8 +145,7 @@ class ShardedReplays:
                 BrazeSink(options),
                 user_ops=self.user_ops,
             )  # fmt: skip
-            for index in self.order
-            if only is None or index in only
+            for index in (self.order if only is None else only)
         ]
         return merge_summaries(summaries)
 
@@ -366,3 +367,75 @@ def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
         assert not missing, f"{key} lost {sorted(missing)}"
         extra += len(got[key]) - len(events)
     assert extra <= 2 * 75  # only the killed worker's requests in flight go twice
+
+
+@st.composite
+def _stories(draw):
+    """Nights of an archive: visitors browsing, some signing up (one user may have
+    several devices), users browsing, some renamed by an alias call; and which shards
+    run each night, in which order."""
+    nights = draw(st.integers(2, 4))
+    visitors = draw(st.integers(1, 5))
+    users = [f"user-{index}" for index in range(draw(st.integers(1, 3)))]
+    count = draw(st.integers(1, 3))
+    files: list[list[dict]] = [[] for _ in range(nights)]
+    expected: dict[str, list[str]] = {}
+    for visitor in range(visitors):
+        anon = f"visitor-{visitor}"
+        link = draw(st.one_of(st.none(), st.tuples(st.sampled_from(users),
+                                                   st.integers(0, nights - 1))))  # fmt: skip
+        owner = link[0] if link else "alias:" + anon
+        if link:
+            expected.setdefault(owner, [])  # the identify makes the profile
+        for night in range(nights):
+            if link and link[1] == night:
+                files[night].append(segment("identify", link[0], T2, anonymousId=anon,
+                                            traits={"plan": "pro"}))  # fmt: skip
+            for step in range(draw(st.integers(0, 2))):
+                name = f"{anon} night {night} step {step}"
+                files[night].append(visit(name, None, anon, T1))
+                expected.setdefault(owner, []).append(name)
+    for user in users:
+        for night in range(nights):
+            if draw(st.booleans()):
+                name = f"{user} night {night}"
+                files[night].append(visit(name, user, None, T3))
+                expected.setdefault(user, []).append(name)
+        renamed_at = draw(st.one_of(st.none(), st.integers(0, nights - 1)))
+        if renamed_at is not None:  # an earlier userId, until an alias call renames it
+            previous = f"old-{user}"
+            files[renamed_at].append(alias_call(previous, user, T4))
+            expected.setdefault(user, [])
+            for night in range(renamed_at + 1):
+                name = f"{previous} night {night}"
+                files[night].append(visit(name, previous, None, T1))
+                expected[user].append(name)
+    for lines in files:
+        draw(st.randoms()).shuffle(lines)
+    runs = [draw(st.permutations(range(count)).flatmap(
+                lambda order: st.lists(st.sampled_from(order), unique=True, max_size=count)))
+            for _ in range(nights)]  # fmt: skip
+    return count, files, runs, {key: sorted(names) for key, names in expected.items()}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(story=_stories())
+def test_any_nights_any_shards_any_schedule_end_as_the_archive_says(story, tmp_path_factory):
+    """Whatever the number of shards, whichever of them run each night and in which
+    order: once all have run over every night, each event is once on the profile the
+    archive says (its user's, or its never-linked visitor's alias profile)."""
+    count, files, runs, expected = story
+    work = tmp_path_factory.mktemp("story")
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, work, count, reverse=False)
+        try:
+            for lines, shards in zip(files, runs, strict=True):
+                replays.add_file(lines)
+                if shards:
+                    replays.run(only=tuple(shards))
+            replays.run()
+            assert replays.where() == expected
+            assert fake.not_applied() == 0
+            assert replays.run().requests == 0
+        finally:
+            replays.user_ops.close()
