@@ -698,7 +698,9 @@ def status_command(state_path: str, as_json: bool) -> None:
     from segreplay.progress import print_status
 
     if sharded:
-        click.echo(f"state {state_path} is kept in {count} shards")
+        missing = count - len(paths)
+        never_run = f" ({missing} of them not made yet: never run)" if missing else ""
+        click.echo(f"state {state_path} is kept in {count} shards{never_run}")
     for report in reports:
         print_status(report)
 

@@ -97,7 +97,8 @@ def _source_count(state_path: str, count: int) -> int:
             raise UsageError(f"{state_path} is already kept in {count} shards")
         raise StateError(
             f"{state_path}: the shard files are incomplete ({_describe(found)})",
-            "restore the missing shard files from a backup",
+            "restore the missing shard files from a backup; a shard that has never run has "
+            "none yet: run it once (--shard I/N) first",
         )
     if len(complete) > 1:
         raise StateError(
@@ -168,6 +169,13 @@ def _write_shard(path: str, old_paths: list[str], index: int, count: int, old_co
             )
             db.execute(f"INSERT OR IGNORE INTO delivered SELECT * FROM old{number}.delivered")
             _copy_everywhere(db, f"old{number}")
+        # A profile this shard now holds under an id another shard had linked to a user
+        # (it missed the night of the link): its merge was planned nowhere. Plan it here.
+        db.execute(
+            "INSERT OR IGNORE INTO merges (merge_from, keep) SELECT users.user, "
+            "'e:' || links.external_id FROM links JOIN users ON users.user IN "
+            "('a:' || links.anonymous_id, 'e:' || links.anonymous_id)"
+        )
         db.executemany(
             "INSERT INTO files (path, size, fingerprint, lines_acked, done, run_id, mtime_ns, "
             "options) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -439,3 +439,29 @@ def test_any_nights_any_shards_any_schedule_end_as_the_archive_says(story, tmp_p
             assert replays.run().requests == 0
         finally:
             replays.user_ops.close()
+
+
+def test_a_reshard_after_a_missed_night_still_merges(tmp_path):
+    """The visitor's shard missed the night that linked it to a user; a reshard then moves
+    the alias profile into a shard that has the link but no merge planned for it (found
+    by a new-user trial): the reshard plans it."""
+    from segreplay.resharding import reshard
+
+    visitor, user = "visitor-3", "u1"
+    assert (shard_of("a:" + visitor, 2), shard_of("e:" + user, 2)) == (1, 0)
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
+        replays.add_file([visit("Browse", None, visitor, T1)])
+        replays.run()
+        replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
+        replays.run(only=(0,))  # the visitor's shard misses this night
+        reshard(str(tmp_path / "state.sqlite"), 3)
+        resharded = ShardedReplays(fake, tmp_path, 3, reverse=False)
+        resharded._files = replays._files
+        try:
+            assert resharded.run().merges_sent == 1
+            assert resharded.run().requests == 0
+        finally:
+            replays.user_ops.close()
+            resharded.user_ops.close()
+        assert resharded.where() == {user: ["Browse"]}
