@@ -113,6 +113,7 @@ def send_merges(state: State, post: Post, summary: Summary, reporter: Reporter,
             state.merges_done(
                 ((merge.gone, merge.keep) for merge in part),
                 (merge.keep[2:] for merge in done if merge.identify),
+                (merge.gone for merge in done if not merge.identify),
             )
             summary.merges_sent += len(done)
             if output is not None:  # beside /users/track's bodies: a line with its path

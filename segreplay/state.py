@@ -371,12 +371,21 @@ class State:
         ).fetchone()
         return row is not None
 
-    def merges_done(self, merges: Iterable[tuple[str, str]], aliased: Iterable[str]) -> None:
+    def merges_done(self, merges: Iterable[tuple[str, str]], aliased: Iterable[str],
+                    merged_away: Iterable[str] = ()) -> None:  # fmt: skip
+        """Braze answered these merges: `aliased` users now hold a segment_anonymous_id
+        alias (/users/identify); `merged_away` profiles are gone from Braze (/users/merge
+        deletes the profile it merges), so the state forgets them as profiles: a later
+        line under that id makes the profile again, and its merge is planned again."""
+        merged_away = list(merged_away)
         with self._transaction():
             self._db.executemany("UPDATE merges SET done=1 WHERE merge_from=? AND keep=?", merges)
             self._db.executemany(
                 "INSERT OR IGNORE INTO aliased VALUES (?)", ((user,) for user in aliased)
             )
+            self._db.executemany("DELETE FROM users WHERE user=?", ((u,) for u in merged_away))
+        for user in merged_away:
+            self._users.pop(user, None)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -475,12 +484,14 @@ class State:
                 rows,
             )
             # A profile Braze now holds under an id already linked to a user (an alias
-            # sent before its link applied, a userId an alias call renames) is merged into
-            # that user: planned with the acknowledgement itself, so no stop loses it.
+            # sent before its link applied, a userId an alias call renames, one made
+            # again after a merge took it away) is merged into that user: planned with
+            # the acknowledgement itself, so no stop loses it.
             if self._has_links:
                 db.executemany(
-                    "INSERT OR IGNORE INTO merges (merge_from, keep) "
-                    "SELECT ?, 'e:' || external_id FROM links WHERE anonymous_id=?",
+                    "INSERT INTO merges (merge_from, keep) "
+                    "SELECT ?, 'e:' || external_id FROM links WHERE anonymous_id=? "
+                    "ON CONFLICT(merge_from) DO UPDATE SET done=0, keep=excluded.keep",
                     new_users,
                 )
             db.executemany("INSERT OR IGNORE INTO delivered (hash, user) VALUES (?, ?)", digests)

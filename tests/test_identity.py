@@ -290,6 +290,18 @@ def test_alias_call_in_a_later_run_merges_the_earlier_user_id(replays):
     replays.assert_final({"new-id": ["Old Account Event", "New Account Event"]})
 
 
+def test_a_userid_merged_away_then_seen_again_is_merged_again(replays):
+    """/users/merge deletes the profile it merges: a later line under the earlier userId
+    makes that profile again, and it is merged again, not left beside the user."""
+    replays.add_file([visit("Old Account Event", "old-id", None, T1)])
+    replays.run()
+    replays.add_file([alias_call("old-id", "new-id", T2), visit("New Event", "new-id", None, T3)])
+    assert replays.run().merges_sent == 1
+    replays.add_file([visit("Old App Still Running", "old-id", None, T4)])
+    assert replays.run().merges_sent == 1
+    replays.assert_final({"new-id": ["Old Account Event", "New Event", "Old App Still Running"]})
+
+
 def test_alias_call_in_a_later_run_identifies_an_anonymous_previous_id(replays):
     replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
     replays.run()

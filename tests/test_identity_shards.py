@@ -465,3 +465,30 @@ def test_a_reshard_after_a_missed_night_still_merges(tmp_path):
             replays.user_ops.close()
             resharded.user_ops.close()
         assert resharded.where() == {user: ["Browse"]}
+
+
+def test_a_late_file_older_than_the_link_after_the_merge_loses_nothing(tmp_path):
+    """A file that shows up after the cross-shard merge, with a modification time older
+    than the link's file (a sync that lagged for one source): its visitor lines are the
+    alias's shard's, and the alias profile is gone from Braze. The shard makes it again
+    and merges it again; once lost silently (found by a new-user trial)."""
+    visitor, user = "visitor-3", "u1"
+    assert (shard_of("a:" + visitor, 2), shard_of("e:" + user, 2)) == (1, 0)
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
+        try:
+            replays.add_file([visit("Browse", None, visitor, T1)])
+            replays.run()
+            replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
+            link_file = sorted(replays.logs.rglob("part-2.gz"))[0]
+            assert replays.run().merges_sent == 1
+            late = write_archive(replays.logs / "mobile/1709596800000/late.gz",
+                                 [visit("Mobile Browse", None, visitor, T3)])  # fmt: skip
+            arrived = link_file.stat().st_mtime_ns - 1_000_000
+            os.utime(late, ns=(arrived, arrived))
+            assert replays.run().merges_sent == 1  # the alias made again, merged again
+            assert replays.run().requests == 0
+        finally:
+            replays.user_ops.close()
+        assert replays.where() == {user: ["Browse", "Mobile Browse"]}
+        assert fake.not_applied() == 0
