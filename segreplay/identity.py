@@ -51,10 +51,11 @@ class Links:
         # by external_id once a second one turns up (a conflict).
         self._found: dict[str, tuple | dict[str, tuple]] = {}
         self._ignored: Callable[[str, str], bool] = lambda anonymous_id, external_id: False
+        self.passed_over: list[tuple[str, str]] = []  # (anonymous_id, external_id) ignored
 
     def ignore(self, ignored: Callable[[str, str], bool]) -> None:
-        """Links to pass over, by (anonymous_id, external_id): those naming a deleted or
-        suppressed person."""
+        """Links to pass over, by (anonymous_id, external_id): those naming a deleted
+        person. `settle` lists them in `passed_over`."""
         self._ignored = ignored
 
     def observe(self, anonymous_id: str, external_id: str, time: str, path: str, line: int,
@@ -88,13 +89,15 @@ class Links:
         conflicts: list[Conflict] = []
         ignored = self._ignored
         for anonymous_id, found in self._found.items():
-            candidates = [
-                Link(anonymous_id, external_id, parse_time(time) or time, path, line, arrived)
-                for external_id, time, path, line, arrived in (
-                    (found,) if type(found) is tuple else found.values()
-                )
-                if not ignored(anonymous_id, external_id)
-            ]
+            candidates = []
+            for external_id, time, path, line, arrived in (
+                (found,) if type(found) is tuple else found.values()
+            ):
+                if ignored(anonymous_id, external_id):
+                    self.passed_over.append((anonymous_id, external_id))
+                    continue
+                candidates.append(Link(anonymous_id, external_id, parse_time(time) or time, path,
+                                       line, arrived))  # fmt: skip
             if not candidates:
                 continue
             kept = self.entry(anonymous_id)

@@ -15,14 +15,16 @@ from contextlib import ExitStack
 from segreplay.batching import Batch, Batcher
 from segreplay.bucket_state import BucketState, duplicate_bound, is_bucket_path
 from segreplay.config import DEFAULT_STOP_GRACE_S, RunConfig
+from segreplay.deletion import DELETE_PATH, plan_requests, request_body
+from segreplay.deletion import PERMISSION as DELETE_PERMISSION
 from segreplay.identity import Links, scan
 from segreplay.ledger import Ledger
-from segreplay.mapping import Call, Rejected, Skipped
+from segreplay.mapping import Call, Rejected, Skipped, SkipReason
 from segreplay.merging import Post, dry_post, plan_merges, send_merges
-from segreplay.privacy import Forgotten
+from segreplay.privacy import Forgotten, IdKind, PersonId
 from segreplay.reading import Elsewhere, Invalid, invalid_record, mapped_lines
 from segreplay.reporting import DeadLetter, Reporter, Summary
-from segreplay.runfiles import check_folder, open_kept_state, recorded_run
+from segreplay.runfiles import check_folder, now, open_kept_state, recorded_run
 from segreplay.settling import Settler
 from segreplay.sharding import Shard
 from segreplay.sink import DrySink, Sink
@@ -197,12 +199,17 @@ class _Replay:
         lines this run will read, record it, and plan the merges of profiles Braze holds."""
         links = self._links
         forgotten = self._forgotten
-        if forgotten is not None:  # nothing of a deleted or suppressed person is linked
+        if forgotten is not None:
+            # A deleted person's links are never recorded (the state keeps nothing of
+            # theirs): their anonymousIds are deleted with them below. A suppressed
+            # person's are, so that their anonymous lines are skipped as theirs.
             links.ignore(
-                lambda anonymous_id, external_id: bool(
-                    forgotten.reason("e:" + external_id) or forgotten.reason("a:" + anonymous_id)
+                lambda anonymous_id, external_id: (
+                    forgotten.reason("e:" + external_id) is SkipReason.DELETED
+                    or forgotten.reason("a:" + anonymous_id) is not None
                 )
             )
+            forgotten.follow(links.get)
         for archive, point in points:
             if self._halted():
                 break  # stopped: what was found is recorded, the replay does not start
@@ -222,6 +229,38 @@ class _Replay:
             )  # fmt: skip
         self._state.record_links((n.anonymous_id, n.external_id, n.time, n.arrived_ns) for n in new)
         plan_merges(self._state, new)
+        if links.passed_over:
+            self._forget_linked(links.passed_over)
+
+    def _forget_linked(self, passed_over: list[tuple[str, str]]) -> None:
+        """anonymousIds the archive links to a deleted person are theirs: deleted with
+        them (privacy.md). Braze is asked to delete the alias profiles it holds of them;
+        the state records them as deleted, so that no line of theirs is sent again."""
+        forgotten = self._forgotten
+        anonymous_ids = sorted({
+            anonymous_id for anonymous_id, external_id in passed_over
+            if forgotten.reason("e:" + external_id) is SkipReason.DELETED
+            and forgotten.reason("a:" + anonymous_id) is None
+        })  # fmt: skip
+        if not anonymous_ids:
+            return
+        state = self._state
+        held = [PersonId(IdKind.ANONYMOUS, a, DELETE_PATH, 0) for a in anonymous_ids
+                if state.is_known("a:" + a)]  # fmt: skip
+        for group in plan_requests(held).requests:
+            answered = self._user_ops(DELETE_PATH, request_body(group), DELETE_PERMISSION)
+            for refusal in answered.refusals:  # recorded as deleted all the same: never sent
+                self._summary.rejected += 1
+                self._dead_letter.write(DELETE_PATH, 0, "refused by Braze", refusal.reason,
+                                        [person.value for person in group])  # fmt: skip
+        state.record_deletions(["a:" + a for a in anonymous_ids], now())
+        state.erase_deleted()
+        self._forgotten = Forgotten(state.deleted_digests(), self._config.suppressed)
+        self._forgotten.follow(self._links.get)
+        self._reporter.notice(
+            f"{len(anonymous_ids)} anonymousIds the archive links to deleted users were "
+            f"deleted with them ({len(held)} alias profiles in Braze)"
+        )
 
     def _replay_file(self, archive: ArchiveFile, point: ResumePoint, options: str) -> None:
         summary = self._summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -190,6 +190,13 @@ class Forgotten:
         self._deleted = frozenset(deleted)
         self._suppressed = frozenset(suppressed)
         self._verdicts: dict[str, SkipReason | None] = {}
+        self._linked: Callable[[str], str | None] = lambda anonymous_id: None
+
+    def follow(self, linked: Callable[[str], str | None]) -> None:
+        """anonymousId -> the userId the archive links it to (identity.Links.get): an
+        anonymous line of a suppressed user is theirs too, even when it goes to its alias
+        profile (with shards, a file that arrived before the link)."""
+        self._linked = linked
 
     def __bool__(self) -> bool:
         return bool(self._deleted or self._suppressed)
@@ -218,7 +225,13 @@ class Forgotten:
         anyway, and lines that are not JSON, are left as they are."""
         kind = type(mapped)
         if kind is Call:
-            return self.reason(mapped.user)
+            user = mapped.user
+            verdict = self.reason(user)
+            if verdict is None and user.startswith("a:"):
+                external_id = self._linked(user[2:])
+                if external_id is not None:
+                    return self.reason("e:" + external_id)
+            return verdict
         if kind is Rejected and record is not None:
             return self.reason_for_record(record)
         return None

@@ -492,3 +492,46 @@ def test_a_late_file_older_than_the_link_after_the_merge_loses_nothing(tmp_path)
             replays.user_ops.close()
         assert replays.where() == {user: ["Browse", "Mobile Browse"]}
         assert fake.not_applied() == 0
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_deleted_users_devices_are_deleted_with_them_even_when_linked_later(count, tmp_path):
+    """u2 asked to be forgotten after night 1, before the archive said which visitors
+    were theirs. Night 2 links two of them to u2: their alias profiles are deleted in
+    Braze, their lines (before and after the link) are never sent, in any later night
+    either; another visitor is untouched (found by a new-user trial: their history kept
+    flowing into alias profiles)."""
+    from segreplay.sharding import shard_paths
+    from segreplay.state import State
+
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, count, reverse=False)
+        try:
+            replays.add_file([visit("Phone Browse", None, "v1", T1),
+                              visit("Tablet Browse", None, "v7", T1),
+                              visit("Someone Else", None, "v9", T1)])  # fmt: skip
+            replays.run()
+            assert {"alias:v1", "alias:v7"} <= set(replays.where())
+            for path in shard_paths(str(tmp_path / "state.sqlite"), count):
+                state = State(path)
+                state.record_deletions(["e:u2"], "2024-03-02T00:00:00.000Z")
+                state.close()
+            replays.add_file([
+                visit("Before Signup", None, "v1", T1),
+                segment("identify", "u2", T2, anonymousId="v1", traits={"email": "u2@x.org"}),
+                visit("After", None, "v1", T3),
+                visit("Second Device", "u2", "v7", T3),
+            ])  # fmt: skip
+            summary = replays.run()
+            replays.add_file([visit("Again", None, "v1", T4), visit("More", None, "v7", T4)])
+            later = replays.run()
+        finally:
+            replays.user_ops.close()
+        assert summary.skips["skipped_deleted"] == 4
+        assert later.skips["skipped_deleted"] == 2 and later.requests == 0
+        assert replays.where() == {"alias:v9": ["Someone Else"]}
+        deleted = [item["identifier"] for item in fake.deleted() if item["found"]]
+        assert sorted(identifier["user_alias"]["alias_name"] for identifier in deleted) == [
+            "v1",
+            "v7",
+        ]
