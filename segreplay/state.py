@@ -85,8 +85,9 @@ _MIGRATIONS: dict[int, str] = {
     # Shards (docs/scale.md). A merge's profile to keep may be another shard's user,
     # whose acknowledgements this state never sees: keep_made is 1 once this shard's own
     # `{external_id}` object for it was acknowledged, and the merge may go then. A link
-    # applies across shards only to files that arrived after the first file holding it:
-    # arrived_ns is that file's modification time (NULL: recorded before, applies to all).
+    # applies across shards only to files that arrived no earlier than the first file
+    # holding it: arrived_ns is that file's modification time (NULL: recorded before this
+    # version, applies to all).
     6: """
         ALTER TABLE merges ADD COLUMN keep_made INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE links ADD COLUMN arrived_ns INTEGER
