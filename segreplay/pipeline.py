@@ -257,8 +257,9 @@ class _Replay:
         state.erase_deleted()
         self._forgotten = Forgotten(state.deleted_digests(), self._config.suppressed)
         self._forgotten.follow(self._links.get)
+        were = "would be" if self._config.dry_run else "were"
         self._reporter.notice(
-            f"{len(anonymous_ids)} anonymousIds the archive links to deleted users were "
+            f"{len(anonymous_ids)} anonymousIds the archive links to deleted users {were} "
             f"deleted with them ({len(held)} alias profiles in Braze)"
         )
 
