@@ -124,6 +124,12 @@ class ShardedReplays:
         self.user_ops = _CheckedUserOps(fake)
         self._files = 0
 
+    def reshard(self, count: int) -> None:
+        from segreplay.resharding import reshard
+
+        reshard(str(self.work / "state.sqlite"), count)
+        self.count, self.order = count, list(range(count))
+
     def add_file(self, lines: list[dict]) -> None:
         self._files += 1
         write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
@@ -445,26 +451,21 @@ def test_a_reshard_after_a_missed_night_still_merges(tmp_path):
     """The visitor's shard missed the night that linked it to a user; a reshard then moves
     the alias profile into a shard that has the link but no merge planned for it (found
     by a new-user trial): the reshard plans it."""
-    from segreplay.resharding import reshard
-
     visitor, user = "visitor-3", "u1"
     assert (shard_of("a:" + visitor, 2), shard_of("e:" + user, 2)) == (1, 0)
     with FakeBraze(api_key=KEY) as fake:
         replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
-        replays.add_file([visit("Browse", None, visitor, T1)])
-        replays.run()
-        replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
-        replays.run(only=(0,))  # the visitor's shard misses this night
-        reshard(str(tmp_path / "state.sqlite"), 3)
-        resharded = ShardedReplays(fake, tmp_path, 3, reverse=False)
-        resharded._files = replays._files
         try:
-            assert resharded.run().merges_sent == 1
-            assert resharded.run().requests == 0
+            replays.add_file([visit("Browse", None, visitor, T1)])
+            replays.run()
+            replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
+            replays.run(only=(0,))  # the visitor's shard misses this night
+            replays.reshard(3)
+            assert replays.run().merges_sent == 1
+            assert replays.run().requests == 0
         finally:
             replays.user_ops.close()
-            resharded.user_ops.close()
-        assert resharded.where() == {user: ["Browse"]}
+        assert replays.where() == {user: ["Browse"]}
 
 
 def test_a_late_file_older_than_the_link_after_the_merge_loses_nothing(tmp_path):
