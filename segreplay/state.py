@@ -88,9 +88,11 @@ _MIGRATIONS: dict[int, str] = {
     # applies across shards only to files that arrived no earlier than the first file
     # holding it: arrived_ns is that file's modification time (NULL: recorded before this
     # version, applies to all).
+    # The index: `delete` finds the anonymousIds linked to each userId it deletes.
     6: """
         ALTER TABLE merges ADD COLUMN keep_made INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE links ADD COLUMN arrived_ns INTEGER
+        ALTER TABLE links ADD COLUMN arrived_ns INTEGER;
+        CREATE INDEX links_by_user ON links (external_id)
     """,
 }
 _DEFAULT_OPTIONS = MappingOptions().decides_lines()
