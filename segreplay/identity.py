@@ -50,13 +50,16 @@ class Links:
         # earliest line (and the earliest arrival of any file holding it); a dict of those
         # by external_id once a second one turns up (a conflict).
         self._found: dict[str, tuple | dict[str, tuple]] = {}
-        self._ignored: Callable[[str, str], bool] = lambda anonymous_id, external_id: False
-        self.passed_over: list[tuple[str, str]] = []  # (anonymous_id, external_id) ignored
+        self._ignored: Callable[[str], bool] = lambda anonymous_id: False
+        self._deleted: Callable[[str], bool] = lambda external_id: False
+        self.passed_over: list[tuple[str, str]] = []  # (anonymous_id, deleted external_id)
 
-    def ignore(self, ignored: Callable[[str, str], bool]) -> None:
-        """Links to pass over, by (anonymous_id, external_id): those naming a deleted
-        person. `settle` lists them in `passed_over`."""
+    def ignore(self, ignored: Callable[[str], bool], deleted: Callable[[str], bool]) -> None:
+        """anonymousIds to pass over (deleted or suppressed themselves), and userIds of
+        deleted people, whose links are never recorded: an anonymousId whose link to one
+        of them wins is theirs, and `settle` lists it in `passed_over`."""
         self._ignored = ignored
+        self._deleted = deleted
 
     def observe(self, anonymous_id: str, external_id: str, time: str, path: str, line: int,
                 arrived_ns: int = 0) -> None:  # fmt: skip
@@ -87,22 +90,22 @@ class Links:
         one seen again in a file that arrived earlier is recorded again, with that arrival."""
         new: list[Link] = []
         conflicts: list[Conflict] = []
-        ignored = self._ignored
+        deleted = self._deleted
         for anonymous_id, found in self._found.items():
-            candidates = []
-            for external_id, time, path, line, arrived in (
-                (found,) if type(found) is tuple else found.values()
-            ):
-                if ignored(anonymous_id, external_id):
-                    self.passed_over.append((anonymous_id, external_id))
-                    continue
-                candidates.append(Link(anonymous_id, external_id, parse_time(time) or time, path,
-                                       line, arrived))  # fmt: skip
-            if not candidates:
+            if self._ignored(anonymous_id):
                 continue
+            candidates = [
+                Link(anonymous_id, external_id, parse_time(time) or time, path, line, arrived)
+                for external_id, time, path, line, arrived in (
+                    (found,) if type(found) is tuple else found.values()
+                )
+            ]
             kept = self.entry(anonymous_id)
             if kept is None:
                 winner = min(candidates, key=lambda link: link.time)  # stable: first read
+                if deleted(winner.external_id):  # theirs: deleted with them, never recorded
+                    self.passed_over.append((anonymous_id, winner.external_id))
+                    continue
                 new.append(winner)
                 self._known[anonymous_id] = (winner.external_id, winner.arrived_ns)
                 kept = self._known[anonymous_id]
@@ -115,8 +118,12 @@ class Links:
                     ):
                         new.append(link)
                         kept = self._known[anonymous_id] = (kept[0], link.arrived_ns)
-            conflicts += [Conflict(link, kept[0]) for link in candidates
-                          if link.external_id != kept[0]]  # fmt: skip
+            # A deleted person is never named again, not even in a conflict's record.
+            conflicts += [
+                Conflict(link, kept[0])
+                for link in candidates
+                if link.external_id != kept[0] and not deleted(link.external_id)
+            ]
         self._found = {}
         return new, conflicts
 

@@ -204,10 +204,8 @@ class _Replay:
             # theirs): their anonymousIds are deleted with them below. A suppressed
             # person's are, so that their anonymous lines are skipped as theirs.
             links.ignore(
-                lambda anonymous_id, external_id: (
-                    forgotten.reason("e:" + external_id) is SkipReason.DELETED
-                    or forgotten.reason("a:" + anonymous_id) is not None
-                )
+                lambda anonymous_id: forgotten.reason("a:" + anonymous_id) is not None,
+                lambda external_id: forgotten.reason("e:" + external_id) is SkipReason.DELETED,
             )
             forgotten.follow(links.get)
         for archive, point in points:
@@ -236,17 +234,12 @@ class _Replay:
         """anonymousIds the archive links to a deleted person are theirs: deleted with
         them (privacy.md). Braze is asked to delete the alias profiles it holds of them;
         the state records them as deleted, so that no line of theirs is sent again."""
-        forgotten = self._forgotten
-        anonymous_ids = sorted({
-            anonymous_id for anonymous_id, external_id in passed_over
-            if forgotten.reason("e:" + external_id) is SkipReason.DELETED
-            and forgotten.reason("a:" + anonymous_id) is None
-        })  # fmt: skip
-        if not anonymous_ids:
-            return
+        anonymous_ids = sorted({anonymous_id for anonymous_id, _ in passed_over})
         state = self._state
+        # Only a profile that is still alias-only: one an identify gave to a user is that
+        # user's profile now, and a merged one is gone.
         held = [PersonId(IdKind.ANONYMOUS, a, DELETE_PATH, 0) for a in anonymous_ids
-                if state.is_known("a:" + a)]  # fmt: skip
+                if state.is_known("a:" + a) and not state.merged("a:" + a)]  # fmt: skip
         for group in plan_requests(held).requests:
             answered = self._user_ops(DELETE_PATH, request_body(group), DELETE_PERMISSION)
             for refusal in answered.refusals:  # recorded as deleted all the same: never sent

@@ -342,7 +342,7 @@ def print_status(report: dict, out: TextIO | None = None) -> None:
     out.write(
         f"{report['users']:,} users, {report['delivered_messages']:,} delivered messageIds, "
         f"{report['files_done']:,} of {report['files']:,} files done, "
-        f"{report['deleted_users']:,} deleted users\n"
+        f"{report['deleted_users']:,} deleted ids (userIds and anonymousIds)\n"
     )
     if report.get("links") or report.get("merges_pending"):
         out.write(

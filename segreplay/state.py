@@ -367,6 +367,13 @@ class State:
                 "UPDATE merges SET keep_made=1 WHERE keep=? AND NOT done", ((u,) for u in users)
             )
 
+    def merged(self, user: str) -> bool:
+        """Whether Braze acknowledged a merge of `user`'s profile into another."""
+        row = self._db.execute(
+            "SELECT 1 FROM merges WHERE merge_from=? AND done", (user,)
+        ).fetchone()
+        return row is not None
+
     def is_aliased(self, external_id: str) -> bool:
         """Whether the user holds a segment_anonymous_id alias (an identify was sent)."""
         row = self._db.execute(

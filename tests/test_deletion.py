@@ -103,7 +103,7 @@ def test_many_ids_go_in_requests_of_50_and_a_second_run_sends_nothing(tmp_path, 
     assert _summary(again)["already_deleted"] == 122 and _summary(again)["requests"] == 0
     assert len(fake.requests()) == 4
     status = segreplay("status", "--state", "state.sqlite", cwd=tmp_path).stdout.decode()
-    assert "122 deleted users" in status
+    assert "122 deleted ids" in status
 
 
 def test_ids_from_stdin_and_csv_columns(tmp_path, fake):
@@ -222,7 +222,7 @@ def test_a_signal_mid_delete_records_the_request_in_flight_and_exits_128_plus_it
     sent = [e["object"]["external_id"] for e in entries]
     assert sorted(sent) == sorted(users)  # none missed, none sent twice
     status = segreplay("status", "--state", "state.sqlite", cwd=tmp_path).stdout.decode()
-    assert "400 deleted users" in status and "interrupted" in status
+    assert "400 deleted ids" in status and "interrupted" in status
 
 
 def test_reset_keeps_the_deletions(tmp_path, fake):

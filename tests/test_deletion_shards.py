@@ -210,13 +210,13 @@ def test_delete_reaches_every_shard_and_no_later_run_sends_anything_of_theirs(ar
     # and the anonymousId of their new identify line (conftest's "anon-1"): the archive
     # says it is theirs, so it was deleted with them (a shared device too: privacy first)
     status = _cli("status", "--state", SHARDS[1], cwd=tmp_path)
-    assert f"{3 + len(gone.linked)} deleted users" in status.stdout.decode()
+    assert f"{3 + len(gone.linked)} deleted ids" in status.stdout.decode()
     assert "delete: 0 ids deleted, 0 requests" in status.stdout.decode()
     whole = _cli("status", "--state", "state.sqlite", cwd=tmp_path)  # the --state imports use
     assert whole.returncode == 0, whole.stderr.decode()
     text = whole.stdout.decode()
     assert text.startswith("state state.sqlite is kept in 2 shards\n")
-    assert text.count(f"{3 + len(gone.linked)} deleted users") == 2  # every shard knows them
+    assert text.count(f"{3 + len(gone.linked)} deleted ids") == 2  # every shard knows them
     as_json = orjson.loads(_cli("status", "--state", "state.sqlite", "--json", cwd=tmp_path).stdout)
     assert [shard["state"] for shard in as_json["shards"]] == SHARDS
 

@@ -536,3 +536,35 @@ def test_a_deleted_users_devices_are_deleted_with_them_even_when_linked_later(co
             "v1",
             "v7",
         ]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_deleting_a_user_spares_a_shared_device_that_is_someone_elses(count, tmp_path):
+    """A device first linked to v, later also to u: it is v's (the first link keeps).
+    Deleting u leaves it, and v's profile, alone; once its alias had been identified into
+    v, deleting that alias would have deleted v (found by a new-user trial)."""
+    from segreplay.sharding import shard_paths
+    from segreplay.state import State
+
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, count, reverse=False)
+        try:
+            replays.add_file([visit("Shared Browse", None, "sh", T1)])
+            replays.run()
+            replays.add_file([segment("identify", "v", T2, anonymousId="sh", traits={}),
+                              visit("V Own", "v", None, T2)])  # fmt: skip
+            replays.run()
+            replays.add_file([segment("identify", "u", T3, anonymousId="sh", traits={})])
+            replays.run()  # a conflict: sh stays v's
+            for path in shard_paths(str(tmp_path / "state.sqlite"), count):
+                state = State(path)
+                state.record_deletions(["e:u"], "2024-03-04T00:00:00.000Z")
+                state.close()
+            replays.add_file([segment("identify", "u", T4, anonymousId="sh", traits={}),
+                              visit("Shared Later", None, "sh", T5)])  # fmt: skip
+            later = replays.run()
+        finally:
+            replays.user_ops.close()
+        assert later.skips["skipped_deleted"] == 1  # u's identify; sh's browse is v's
+        assert not [item for item in fake.deleted() if item["found"]]
+        assert replays.where()["v"] == ["Shared Browse", "Shared Later", "V Own"]
