@@ -244,8 +244,9 @@ class _Replay:
             answered = self._user_ops(DELETE_PATH, request_body(group), DELETE_PERMISSION)
             for refusal in answered.refusals:  # recorded as deleted all the same: never sent
                 self._summary.rejected += 1
+                # Their ids stay out of segreplay's outputs (privacy.md): a count only.
                 self._dead_letter.write(DELETE_PATH, 0, "refused by Braze", refusal.reason,
-                                        [person.value for person in group])  # fmt: skip
+                                        {"anonymousIds": len(group)})  # fmt: skip
         state.record_deletions(["a:" + a for a in anonymous_ids], now())
         state.erase_deleted()
         self._forgotten = Forgotten(state.deleted_digests(), self._config.suppressed)
