@@ -85,8 +85,13 @@ class _CheckedUserOps:
         self._ops = UserOps(DeliveryOptions(endpoint=fake.url, api_key=KEY))
         self.items: list[tuple[str, dict]] = []
         self.crash_next = False  # the process dies as it is about to post
+        self.refuse: set[str] = set()  # paths Braze answers with a 400
 
     def __call__(self, path: str, body: bytes, permission: str) -> Delivered:
+        if path in self.refuse:
+            from segreplay.sink import Refusal
+
+            return Delivered(bodies=[body], refusals=[Refusal(None, None, "simulated 400")])
         if self.crash_next:
             self.crash_next = False
             raise KeyboardInterrupt
@@ -568,3 +573,30 @@ def test_deleting_a_user_spares_a_shared_device_that_is_someone_elses(count, tmp
         assert later.skips["skipped_deleted"] == 1  # u's identify; sh's browse is v's
         assert not [item for item in fake.deleted() if item["found"]]
         assert replays.where()["v"] == ["Shared Browse", "Shared Later", "V Own"]
+
+
+def test_a_refused_deletion_of_a_linked_device_still_forgets_it_and_names_no_id(tmp_path):
+    """Braze refuses the /users/delete of a deleted person's device: the refusal is
+    dead-lettered as a count (their ids never reach segreplay's outputs), and the device
+    is recorded as deleted all the same: none of its lines goes."""
+    from segreplay.state import State
+
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, tmp_path, 1, reverse=False)
+        try:
+            replays.add_file([visit("Phone Browse", None, "v1-secret", T1)])
+            replays.run()
+            state = State(str(tmp_path / "state.sqlite"))
+            state.record_deletions(["e:u2-secret"], "2024-03-02T00:00:00.000Z")
+            state.close()
+            replays.user_ops.refuse.add("/users/delete")
+            replays.add_file([
+                segment("identify", "u2-secret", T2, anonymousId="v1-secret", traits={}),
+                visit("After", None, "v1-secret", T3),
+            ])  # fmt: skip
+            summary = replays.run()
+        finally:
+            replays.user_ops.close()
+        assert (summary.rejected, summary.skips["skipped_deleted"], summary.requests) == (1, 2, 0)
+        dead_letter = (tmp_path / "dead-letter.jsonl").read_bytes()
+        assert b"simulated 400" in dead_letter and b"secret" not in dead_letter
