@@ -26,6 +26,8 @@ from segreplay.stopping import StopNow, StopRequest
 PROGRESS_EVERY_S = 0.5  # a worker's progress snapshots, at most this often
 MAX_PROBLEMS_SENT = 21  # the console shows 20 and says there are more
 _POLL_S = 0.2
+# Past --stop-grace, how long workers asked to stop may take before SIGKILL.
+_KILL_MARGIN_S = 15.0
 # Counts that describe the archive, not the work: the same in every shard.
 _SHARED_MAX = {"files", "bytes_read", "elapsed_s"}
 # What every shard settled before: only lines all of them had settled are settled.
@@ -110,7 +112,7 @@ def run_workers(
             daemon=False,
         )
         workers.append(process)
-    run = _Run(workers, messages, reporter, stop)
+    run = _Run(workers, messages, reporter, stop, stop_grace_s + _KILL_MARGIN_S)
     try:
         for process in workers:
             process.start()
@@ -132,11 +134,15 @@ def run_workers(
 class _Run:
     """The parent's loop: messages from the workers, their exits, and stops."""
 
-    def __init__(self, workers, messages, reporter: Reporter, stop: StopRequest) -> None:
+    def __init__(self, workers, messages, reporter: Reporter, stop: StopRequest,
+                 kill_after_s: float) -> None:  # fmt: skip
+        """`kill_after_s`: how long workers asked to stop may take before SIGKILL."""
         self._workers = workers
         self._messages = messages
         self._reporter = reporter
         self._stop = stop
+        self._kill_after_s = kill_after_s
+        self._kill_at: float | None = None  # set once the workers are asked to stop
         self._latest: list[tuple[Summary, int, int] | None] = [None] * len(workers)
         self._finished: dict[int, Summary] = {}
         self._ended: set[int] = set()  # finished, failed or died
@@ -154,6 +160,11 @@ class _Run:
                 if self._stop.requested and not self._forwarded:
                     self._forwarded = True
                     self.stop_all(signal.SIGTERM)
+                if self._kill_at is not None and time.monotonic() > self._kill_at:
+                    # A worker killed while it held the message queue's lock leaves the
+                    # others unable to say they are done: they would wait forever.
+                    self._kill_at = None
+                    self.stop_all(signal.SIGKILL)
                 try:
                     self._handle(self._messages.get(timeout=_POLL_S))
                 except queue_module.Empty:
@@ -223,6 +234,8 @@ class _Run:
             self.stop_all(signal.SIGTERM)
 
     def stop_all(self, signum: int) -> None:
+        if signum == signal.SIGTERM and self._kill_at is None:
+            self._kill_at = time.monotonic() + self._kill_after_s
         for process in self._workers:
             if process.pid is not None and process.exitcode is None:
                 try:

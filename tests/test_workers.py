@@ -6,6 +6,7 @@ command resumes without loss; a state is kept in one number of shards until resh
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -281,3 +282,36 @@ def test_sigterm_to_the_parent_stops_every_worker_cleanly(archive, tmp_path):
                                timeout=120)  # fmt: skip
         assert again.returncode == 3, again.stderr.decode()
         _assert_braze_holds(fake, expected)  # each object once: nothing was abandoned
+
+
+def _ignore_sigterm_and_hang() -> None:  # a worker stuck where a stop cannot reach it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(1)
+
+
+def _die_at_once() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_workers_that_do_not_stop_are_killed_after_the_grace():
+    """A worker killed with -9 while it held the message queue's lock leaves its siblings
+    unable to report that they are done (found when a kill test hung once in 883): the
+    parent asks them to stop, then kills them once the grace is over, and the run ends."""
+    from segreplay.reporting import SilentReporter
+    from segreplay.stopping import StopRequest
+    from segreplay.workers import _Run
+
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_die_at_once),
+        context.Process(target=_ignore_sigterm_and_hang),
+    ]
+    for process in workers:
+        process.start()
+    run = _Run(workers, context.Queue(), SilentReporter(), StopRequest(), kill_after_s=0.5)
+    started = time.monotonic()
+    run.wait()
+    assert time.monotonic() - started < 10
+    assert workers[1].exitcode == -signal.SIGKILL
+    assert "ended unexpectedly (killed by SIGKILL)" in run.error.message
