@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -135,9 +137,9 @@ class ShardedReplays:
         reshard(str(self.work / "state.sqlite"), count)
         self.count, self.order = count, list(range(count))
 
-    def add_file(self, lines: list[dict]) -> None:
+    def add_file(self, lines: list[dict]) -> Path:
         self._files += 1
-        write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
+        return write_archive(self.logs / f"src/1709596800000/part-{self._files}.gz", lines)
 
     def run(self, only: tuple[int, ...] | None = None) -> Summary:
         """Each shard's run (`only` these, in that order: the others missed this night)."""
@@ -164,6 +166,25 @@ class ShardedReplays:
         return events_by_profile(self.fake)
 
 
+@contextmanager
+def _sharded(work: Path, count: int, reverse: bool = False) -> Iterator[ShardedReplays]:
+    """ShardedReplays over a fake Braze of its own, closed at the end."""
+    with FakeBraze(api_key=KEY) as fake:
+        replays = ShardedReplays(fake, work, count, reverse)
+        try:
+            yield replays
+        finally:
+            replays.user_ops.close()
+
+
+def _browse_then_sign_up(replays: ShardedReplays, visitor: str, user: str) -> Path:
+    """Night 1 (replayed): the visitor browses. Night 2 (not yet): they sign up as `user`.
+    Returns night 2's file."""
+    replays.add_file([visit("Browse", None, visitor, T1)])
+    replays.run()
+    return replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
+
+
 def _crossing(count: int) -> list[tuple[str, str]]:
     return [(gone, keep) for gone, keep in MERGES if shard_of(gone, count) != shard_of(keep, count)]
 
@@ -173,34 +194,31 @@ def _crossing(count: int) -> list[tuple[str, str]]:
 def test_the_story_ends_the_same_in_any_number_of_shards(count, reverse, tmp_path):
     if count > 1:  # the story exercises what it is about
         assert len(_crossing(count)) >= 2
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, count, reverse)
+    with _sharded(tmp_path, count, reverse) as replays:
+        fake = replays.fake
         merges_sent = 0
-        try:
-            for files in RUNS:
-                for lines in files:
-                    replays.add_file(lines)
-                summary = replays.run()
-                assert (summary.rejected, summary.identity_conflicts) == (0, 0)
-                merges_sent += summary.merges_sent
-            assert replays.where() == FINAL
-            assert fake.not_applied() == 0
-            assert merges_sent == len(MERGES)
-            # each merge once, each by the endpoint its shards allow
-            sent = [(path, item) for path, item in replays.user_ops.items]
-            assert len(sent) == len(MERGES)
-            for path, item in sent:
-                if path == MERGE_PATH:
-                    continue
-                # /users/identify only where the alias's and the user's shards are one
-                gone = "a:" + item["user_alias"]["alias_name"]
-                assert shard_of(gone, count) == shard_of("e:" + item["external_id"], count)
-            before = len(fake.requests())
-            again = replays.run()
-            assert (again.requests, again.merges_sent, again.aliases_created) == (0, 0, 0)
-            assert len(fake.requests()) == before
-        finally:
-            replays.user_ops.close()
+        for files in RUNS:
+            for lines in files:
+                replays.add_file(lines)
+            summary = replays.run()
+            assert (summary.rejected, summary.identity_conflicts) == (0, 0)
+            merges_sent += summary.merges_sent
+        assert replays.where() == FINAL
+        assert fake.not_applied() == 0
+        assert merges_sent == len(MERGES)
+        # each merge once, each by the endpoint its shards allow
+        sent = [(path, item) for path, item in replays.user_ops.items]
+        assert len(sent) == len(MERGES)
+        for path, item in sent:
+            if path == MERGE_PATH:
+                continue
+            # /users/identify only where the alias's and the user's shards are one
+            gone = "a:" + item["user_alias"]["alias_name"]
+            assert shard_of(gone, count) == shard_of("e:" + item["external_id"], count)
+        before = len(fake.requests())
+        again = replays.run()
+        assert (again.requests, again.merges_sent, again.aliases_created) == (0, 0, 0)
+        assert len(fake.requests()) == before
 
 
 @pytest.mark.parametrize("missed", [0, 1])
@@ -211,20 +229,17 @@ def test_a_shard_that_missed_a_night_catches_up_without_duplicates_or_loss(misse
     trying it as a new user: once it sent them twice, once it lost them)."""
     phone, ada = "a:9a2b-phone", "e:usr_demo_ada"
     assert shard_of(phone, 2) != shard_of(ada, 2)
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
-        try:
-            replays.add_file([visit("Viewed Pricing", None, "9a2b-phone", T1),
-                              visit("Product Viewed", None, "9a2b-phone", T2)])  # fmt: skip
-            replays.run(only=(1 - missed,))
-            replays.add_file([
-                segment("identify", "usr_demo_ada", T3, anonymousId="9a2b-phone", traits={}),
-                visit("Signed Up", "usr_demo_ada", "9a2b-phone", T4),
-            ])  # fmt: skip
-            replays.run()
-            assert replays.run().requests == 0
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, 2, reverse=False) as replays:
+        fake = replays.fake
+        replays.add_file([visit("Viewed Pricing", None, "9a2b-phone", T1),
+                          visit("Product Viewed", None, "9a2b-phone", T2)])  # fmt: skip
+        replays.run(only=(1 - missed,))
+        replays.add_file([
+            segment("identify", "usr_demo_ada", T3, anonymousId="9a2b-phone", traits={}),
+            visit("Signed Up", "usr_demo_ada", "9a2b-phone", T4),
+        ])  # fmt: skip
+        replays.run()
+        assert replays.run().requests == 0
         assert replays.where() == {
             "usr_demo_ada": ["Product Viewed", "Signed Up", "Viewed Pricing"]
         }
@@ -237,20 +252,17 @@ def test_a_merge_into_another_shards_user_makes_that_profile_first(tmp_path):
     merge only once Braze acknowledged it. A crash between the two resumes into the
     merge alone."""
     assert (shard_of("a:anon-a", 2), shard_of("e:user-3", 2)) == (1, 0)
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
-        try:
-            replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
+    with _sharded(tmp_path, 2, reverse=False) as replays:
+        fake = replays.fake
+        replays.add_file([visit("Viewed Home", None, "anon-a", T1)])
+        replays.run()
+        replays.add_file([alias_call("anon-a", "user-3", T2)])
+        replays.user_ops.crash_next = True
+        with pytest.raises(KeyboardInterrupt):
             replays.run()
-            replays.add_file([alias_call("anon-a", "user-3", T2)])
-            replays.user_ops.crash_next = True
-            with pytest.raises(KeyboardInterrupt):
-                replays.run()
-            assert [request.path for request in fake.requests()][-1] == "/users/track"
-            assert fake.profile("user-3") is not None  # made, not yet merged into
-            summary = replays.run()
-        finally:
-            replays.user_ops.close()
+        assert [request.path for request in fake.requests()][-1] == "/users/track"
+        assert fake.profile("user-3") is not None  # made, not yet merged into
+        summary = replays.run()
         assert (summary.merges_sent, summary.requests) == (1, 0)
         assert [request.path for request in fake.requests()][-2:] == ["/users/track", MERGE_PATH]
         assert replays.where() == {"user-3": ["Viewed Home"]}
@@ -437,19 +449,16 @@ def test_any_nights_any_shards_any_schedule_end_as_the_archive_says(story, tmp_p
     archive says (its user's, or its never-linked visitor's alias profile)."""
     count, files, runs, expected = story
     work = tmp_path_factory.mktemp("story")
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, work, count, reverse=False)
-        try:
-            for lines, shards in zip(files, runs, strict=True):
-                replays.add_file(lines)
-                if shards:
-                    replays.run(only=tuple(shards))
-            replays.run()
-            assert replays.where() == expected
-            assert fake.not_applied() == 0
-            assert replays.run().requests == 0
-        finally:
-            replays.user_ops.close()
+    with _sharded(work, count, reverse=False) as replays:
+        fake = replays.fake
+        for lines, shards in zip(files, runs, strict=True):
+            replays.add_file(lines)
+            if shards:
+                replays.run(only=tuple(shards))
+        replays.run()
+        assert replays.where() == expected
+        assert fake.not_applied() == 0
+        assert replays.run().requests == 0
 
 
 def test_a_reshard_after_a_missed_night_still_merges(tmp_path):
@@ -458,18 +467,12 @@ def test_a_reshard_after_a_missed_night_still_merges(tmp_path):
     by a new-user trial): the reshard plans it."""
     visitor, user = "visitor-3", "u1"
     assert (shard_of("a:" + visitor, 2), shard_of("e:" + user, 2)) == (1, 0)
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
-        try:
-            replays.add_file([visit("Browse", None, visitor, T1)])
-            replays.run()
-            replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
-            replays.run(only=(0,))  # the visitor's shard misses this night
-            replays.reshard(3)
-            assert replays.run().merges_sent == 1
-            assert replays.run().requests == 0
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, 2, reverse=False) as replays:
+        _browse_then_sign_up(replays, visitor, user)
+        replays.run(only=(0,))  # the visitor's shard misses this night
+        replays.reshard(3)
+        assert replays.run().merges_sent == 1
+        assert replays.run().requests == 0
         assert replays.where() == {user: ["Browse"]}
 
 
@@ -480,22 +483,16 @@ def test_a_late_file_older_than_the_link_after_the_merge_loses_nothing(tmp_path)
     and merges it again; once lost silently (found by a new-user trial)."""
     visitor, user = "visitor-3", "u1"
     assert (shard_of("a:" + visitor, 2), shard_of("e:" + user, 2)) == (1, 0)
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, 2, reverse=False)
-        try:
-            replays.add_file([visit("Browse", None, visitor, T1)])
-            replays.run()
-            replays.add_file([segment("identify", user, T2, anonymousId=visitor, traits={})])
-            link_file = sorted(replays.logs.rglob("part-2.gz"))[0]
-            assert replays.run().merges_sent == 1
-            late = write_archive(replays.logs / "mobile/1709596800000/late.gz",
-                                 [visit("Mobile Browse", None, visitor, T3)])  # fmt: skip
-            arrived = link_file.stat().st_mtime_ns - 1_000_000
-            os.utime(late, ns=(arrived, arrived))
-            assert replays.run().merges_sent == 1  # the alias made again, merged again
-            assert replays.run().requests == 0
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, 2, reverse=False) as replays:
+        fake = replays.fake
+        link_file = _browse_then_sign_up(replays, visitor, user)
+        assert replays.run().merges_sent == 1
+        late = write_archive(replays.logs / "mobile/1709596800000/late.gz",
+                             [visit("Mobile Browse", None, visitor, T3)])  # fmt: skip
+        arrived = link_file.stat().st_mtime_ns - 1_000_000
+        os.utime(late, ns=(arrived, arrived))
+        assert replays.run().merges_sent == 1  # the alias made again, merged again
+        assert replays.run().requests == 0
         assert replays.where() == {user: ["Browse", "Mobile Browse"]}
         assert fake.not_applied() == 0
 
@@ -510,29 +507,26 @@ def test_a_deleted_users_devices_are_deleted_with_them_even_when_linked_later(co
     from segreplay.sharding import shard_paths
     from segreplay.state import State
 
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, count, reverse=False)
-        try:
-            replays.add_file([visit("Phone Browse", None, "v1", T1),
-                              visit("Tablet Browse", None, "v7", T1),
-                              visit("Someone Else", None, "v9", T1)])  # fmt: skip
-            replays.run()
-            assert {"alias:v1", "alias:v7"} <= set(replays.where())
-            for path in shard_paths(str(tmp_path / "state.sqlite"), count):
-                state = State(path)
-                state.record_deletions(["e:u2"], "2024-03-02T00:00:00.000Z")
-                state.close()
-            replays.add_file([
-                visit("Before Signup", None, "v1", T1),
-                segment("identify", "u2", T2, anonymousId="v1", traits={"email": "u2@x.org"}),
-                visit("After", None, "v1", T3),
-                visit("Second Device", "u2", "v7", T3),
-            ])  # fmt: skip
-            summary = replays.run()
-            replays.add_file([visit("Again", None, "v1", T4), visit("More", None, "v7", T4)])
-            later = replays.run()
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, count, reverse=False) as replays:
+        fake = replays.fake
+        replays.add_file([visit("Phone Browse", None, "v1", T1),
+                          visit("Tablet Browse", None, "v7", T1),
+                          visit("Someone Else", None, "v9", T1)])  # fmt: skip
+        replays.run()
+        assert {"alias:v1", "alias:v7"} <= set(replays.where())
+        for path in shard_paths(str(tmp_path / "state.sqlite"), count):
+            state = State(path)
+            state.record_deletions(["e:u2"], "2024-03-02T00:00:00.000Z")
+            state.close()
+        replays.add_file([
+            visit("Before Signup", None, "v1", T1),
+            segment("identify", "u2", T2, anonymousId="v1", traits={"email": "u2@x.org"}),
+            visit("After", None, "v1", T3),
+            visit("Second Device", "u2", "v7", T3),
+        ])  # fmt: skip
+        summary = replays.run()
+        replays.add_file([visit("Again", None, "v1", T4), visit("More", None, "v7", T4)])
+        later = replays.run()
         assert summary.skips["skipped_deleted"] == 4
         assert later.skips["skipped_deleted"] == 2 and later.requests == 0
         assert replays.where() == {"alias:v9": ["Someone Else"]}
@@ -551,25 +545,22 @@ def test_deleting_a_user_spares_a_shared_device_that_is_someone_elses(count, tmp
     from segreplay.sharding import shard_paths
     from segreplay.state import State
 
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, count, reverse=False)
-        try:
-            replays.add_file([visit("Shared Browse", None, "sh", T1)])
-            replays.run()
-            replays.add_file([segment("identify", "v", T2, anonymousId="sh", traits={}),
-                              visit("V Own", "v", None, T2)])  # fmt: skip
-            replays.run()
-            replays.add_file([segment("identify", "u", T3, anonymousId="sh", traits={})])
-            replays.run()  # a conflict: sh stays v's
-            for path in shard_paths(str(tmp_path / "state.sqlite"), count):
-                state = State(path)
-                state.record_deletions(["e:u"], "2024-03-04T00:00:00.000Z")
-                state.close()
-            replays.add_file([segment("identify", "u", T4, anonymousId="sh", traits={}),
-                              visit("Shared Later", None, "sh", T5)])  # fmt: skip
-            later = replays.run()
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, count, reverse=False) as replays:
+        fake = replays.fake
+        replays.add_file([visit("Shared Browse", None, "sh", T1)])
+        replays.run()
+        replays.add_file([segment("identify", "v", T2, anonymousId="sh", traits={}),
+                          visit("V Own", "v", None, T2)])  # fmt: skip
+        replays.run()
+        replays.add_file([segment("identify", "u", T3, anonymousId="sh", traits={})])
+        replays.run()  # a conflict: sh stays v's
+        for path in shard_paths(str(tmp_path / "state.sqlite"), count):
+            state = State(path)
+            state.record_deletions(["e:u"], "2024-03-04T00:00:00.000Z")
+            state.close()
+        replays.add_file([segment("identify", "u", T4, anonymousId="sh", traits={}),
+                          visit("Shared Later", None, "sh", T5)])  # fmt: skip
+        later = replays.run()
         assert later.skips["skipped_deleted"] == 1  # u's identify; sh's browse is v's
         assert not [item for item in fake.deleted() if item["found"]]
         assert replays.where()["v"] == ["Shared Browse", "Shared Later", "V Own"]
@@ -581,22 +572,18 @@ def test_a_refused_deletion_of_a_linked_device_still_forgets_it_and_names_no_id(
     is recorded as deleted all the same: none of its lines goes."""
     from segreplay.state import State
 
-    with FakeBraze(api_key=KEY) as fake:
-        replays = ShardedReplays(fake, tmp_path, 1, reverse=False)
-        try:
-            replays.add_file([visit("Phone Browse", None, "v1-secret", T1)])
-            replays.run()
-            state = State(str(tmp_path / "state.sqlite"))
-            state.record_deletions(["e:u2-secret"], "2024-03-02T00:00:00.000Z")
-            state.close()
-            replays.user_ops.refuse.add("/users/delete")
-            replays.add_file([
-                segment("identify", "u2-secret", T2, anonymousId="v1-secret", traits={}),
-                visit("After", None, "v1-secret", T3),
-            ])  # fmt: skip
-            summary = replays.run()
-        finally:
-            replays.user_ops.close()
+    with _sharded(tmp_path, 1, reverse=False) as replays:
+        replays.add_file([visit("Phone Browse", None, "v1-secret", T1)])
+        replays.run()
+        state = State(str(tmp_path / "state.sqlite"))
+        state.record_deletions(["e:u2-secret"], "2024-03-02T00:00:00.000Z")
+        state.close()
+        replays.user_ops.refuse.add("/users/delete")
+        replays.add_file([
+            segment("identify", "u2-secret", T2, anonymousId="v1-secret", traits={}),
+            visit("After", None, "v1-secret", T3),
+        ])  # fmt: skip
+        summary = replays.run()
         assert (summary.rejected, summary.skips["skipped_deleted"], summary.requests) == (1, 2, 0)
         dead_letter = (tmp_path / "dead-letter.jsonl").read_bytes()
         assert b"simulated 400" in dead_letter and b"secret" not in dead_letter
