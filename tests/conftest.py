@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import time
 from pathlib import Path
 
 import orjson
@@ -63,6 +64,24 @@ def events_by_profile(fake, with_time: bool = False) -> dict[str, list]:
             (event["name"], event["time"]) if with_time else event["name"] for event in events
         )
     return profiles
+
+
+def wait_for_requests(fake, process, count: int, timeout_s: float = 60.0) -> None:
+    """Until the fake has seen `count` requests; fails if `process` ended first."""
+    deadline = time.monotonic() + timeout_s
+    while fake.stats()["requests"] < count:
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError((stderr or b"").decode() or f"exit {process.returncode}")
+        assert time.monotonic() < deadline, f"fewer than {count} requests in {timeout_s} s"
+        time.sleep(0.01)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The shard processes `segreplay import --workers` (process `pid`) started."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]  # fmt: skip
 
 
 def write_archive(path: Path, lines: list, compress: bool = True) -> Path:

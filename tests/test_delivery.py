@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import final_attributes
+from conftest import final_attributes, wait_for_requests
 
 from samples.generate import generate
 from segreplay.config import MAX_OBJECTS_PER_REQUEST, DeliveryOptions, MappingOptions, RunConfig
@@ -312,7 +312,6 @@ def test_cli_wrong_key_exits_1_with_a_message(archive, tmp_path):
 
 def test_ctrl_c_stops_at_once_while_requests_back_off(archive, tmp_path):
     import signal
-    import time
 
     logs, _ = archive
     with FakeBraze(api_key=SECRET, rate_5xx=1.0) as fake:  # every request backs off
@@ -322,8 +321,7 @@ def test_ctrl_c_stops_at_once_while_requests_back_off(archive, tmp_path):
             cwd=tmp_path, env={**os.environ, "BRAZE_API_KEY": SECRET},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        while fake.stats()["requests"] < 3:
-            time.sleep(0.05)
+        wait_for_requests(fake, process, 3)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 130

@@ -10,14 +10,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import alias_call, events_by_profile, segment, visit, write_archive
+from conftest import (
+    alias_call,
+    events_by_profile,
+    segment,
+    visit,
+    wait_for_requests,
+    worker_pids,
+    write_archive,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -367,14 +374,8 @@ def test_kill_9_of_one_worker_with_identity_then_resume_loses_nothing(tmp_path):
         argv = command(fake, work, "--workers", "2", "--concurrency", "2")
         process = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while fake.stats()["requests"] < 4:
-            assert process.poll() is None, process.communicate()[1].decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
-            workers = [int(pid) for pid in children.read().split()
-                       if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        wait_for_requests(fake, process, 4)
+        workers = worker_pids(process.pid)
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)

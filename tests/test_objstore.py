@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 import orjson
 import pytest
-from conftest import identify, track, write_archive
+from conftest import identify, track, wait_for_requests, write_archive
 from moto import settings as moto_settings
 from obstore.store import GCSStore, MemoryStore
 from s3server import CuttingProxy
@@ -214,10 +213,7 @@ def test_kill_9_then_resume_skips_acknowledged_lines(s3, bucket, tmp_path) -> No
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3.env()}
         process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while fake.stats()["requests"] < 15:
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_for_requests(fake, process, 15)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         resumed = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import final_attributes
+from conftest import final_attributes, wait_for_requests, worker_pids
 
 from samples.generate import generate
 from segreplay.config import MAX_OBJECTS_PER_REQUEST
@@ -212,11 +212,6 @@ def test_reshard_two_to_three_then_a_run_sends_nothing_new(archive, tmp_path):
         assert orjson.loads(one.stdout)["requests"] == 0
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as children:
-        return [int(child) for child in children.read().split()]
-
-
 def test_a_worker_killed_with_9_stops_the_run_and_the_same_command_resumes(archive, tmp_path):
     logs, expected = archive
     # Answers take 40 ms, so the kill lands while the run is still sending.
@@ -224,13 +219,8 @@ def test_a_worker_killed_with_9_stops_the_run_and_the_same_command_resumes(archi
         argv = _import(fake, logs, tmp_path, "--workers", "2", "--concurrency", "2")
         process = subprocess.Popen(argv, cwd=tmp_path, env=_environment(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while fake.stats()["requests"] < 6:
-            assert process.poll() is None, process.communicate()[1].decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        workers = [pid for pid in _children(process.pid)
-                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        wait_for_requests(fake, process, 6)
+        workers = worker_pids(process.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
@@ -265,11 +255,7 @@ def test_sigterm_to_the_parent_stops_every_worker_cleanly(archive, tmp_path):
         argv = _import(fake, logs, tmp_path, "--workers", "2", "--concurrency", "2")
         process = subprocess.Popen(argv, cwd=tmp_path, env=_environment(),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while fake.stats()["requests"] < 6:
-            assert process.poll() is None, process.communicate()[1].decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for_requests(fake, process, 6)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 143, stderr.decode()
